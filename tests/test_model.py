@@ -1,0 +1,99 @@
+"""The Flax ViT: exact parameter counts, output and stage shapes, dropout knobs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax.config import PRESETS, ModelConfig
+from vit_jax.errors import UserError
+from vit_jax.model import VisionTransformer, count_params, init_params
+
+EXPECTED_PARAMS = {
+    "seed": 11_022_730,  # the tutorial's model (it prints 21.67M, the 12-layer count: vit_s16 below)
+    "cifar": 4_771_082,
+    "test": 24_234,
+    "vit_ti16": 5_526_346,
+    "vit_s16": 21_669_514,
+    "vit_b16": 85_806_346,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_parameter_count(preset):
+    shapes = jax.eval_shape(lambda: init_params(PRESETS[preset], jax.random.key(0)))
+    assert count_params(shapes) == EXPECTED_PARAMS[preset]
+
+
+def test_seed_count_by_hand():
+    D, N, L, C, p = 384, 196, 6, 10, 16
+    block = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)
+    total = (p * p * 3 * D + D) + D + (N + 1) * D + L * block + 2 * D + (D * C + C)
+    assert total == EXPECTED_PARAMS["seed"]
+
+
+def test_named_submodules():
+    params = init_params(PRESETS["test"], jax.random.key(0))
+    assert set(params) == {"patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1", "norm", "head"}
+    assert set(params["blocks_0"]) == {"norm1", "attn", "norm2", "mlp"}
+    assert set(params["blocks_0"]["attn"]) == {"qkv", "proj"}
+    assert set(params["blocks_0"]["mlp"]) == {"fc1", "fc2"}
+
+
+def test_output_and_stage_shapes():
+    cfg = PRESETS["test"]
+    model = VisionTransformer(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    x = jnp.ones((3, 32, 32, 3))
+    logits, stages = model.apply({"params": params}, x, return_stages=True)
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    assert list(stages) == ["embed", "block00", "block01", "norm", "logits"]
+    for name in ("embed", "block00", "block01", "norm"):
+        assert stages[name].shape == (3, 16 + 1, 32)
+    np.testing.assert_array_equal(stages["logits"], logits)
+    assert np.all(np.isfinite(logits))
+
+
+def test_attention_weights_are_sown():
+    cfg = PRESETS["test"]
+    params = init_params(cfg, jax.random.key(0))
+    _, state = VisionTransformer(cfg).apply({"params": params}, jnp.ones((2, 32, 32, 3)),
+                                            mutable=["intermediates"])
+    attn = state["intermediates"]["blocks_1"]["attn"]["attn"][0]
+    assert attn.shape == (2, 2, 17, 17)
+    np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_dropout_and_drop_path_only_in_training():
+    cfg = dataclasses.replace(PRESETS["test"], drop_rate=0.3, drop_path_rate=0.3)
+    model = VisionTransformer(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    eval_a = model.apply({"params": params}, x)
+    eval_b = model.apply({"params": params}, x)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train_b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_b)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    cfg = dataclasses.replace(PRESETS["test"], dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    logits = VisionTransformer(cfg).apply({"params": params}, jnp.ones((2, 32, 32, 3)))
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(img_size=30), "not divisible by patch_size"),
+    (dict(embed_dim=33), "not divisible by num_heads"),
+    (dict(depth=0), "depth must be positive"),
+    (dict(drop_rate=1.0), "drop_rate"),
+    (dict(dtype="float16"), "dtype"),
+])
+def test_impossible_shapes_are_refused(fields, message):
+    with pytest.raises(UserError, match=message):
+        dataclasses.replace(PRESETS["test"], **fields).validate()

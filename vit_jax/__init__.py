@@ -1,0 +1,1 @@
+"""vit_jax: a Vision Transformer trained from scratch on CIFAR-10 in JAX."""

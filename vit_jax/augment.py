@@ -1,0 +1,70 @@
+"""Preprocessing and augmentation on the device, inside the jitted steps.
+
+uint8 (B, 32, 32, 3) batches go to the accelerator as they are; resizing, flipping, cropping and
+normalization happen there, so the host never starves it. The order is the PyTorch tutorial's
+torchvision pipeline: Resize(img_size, bilinear), RandomHorizontalFlip, RandomCrop(img_size,
+padding=4), [RandomRotation, ColorJitter: the tutorial's optional tips], ToTensor, Normalize.
+"""
+
+import jax
+import jax.numpy as jnp
+import dm_pix as pix
+
+# CIFAR-10's per-channel statistics of the training set, on the [0, 1] scale.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+CROP_PADDING = 4
+
+
+def resize(images, img_size: int):
+    """uint8 (B, h, w, 3) -> float32 (B, img_size, img_size, 3) in [0, 1], bilinear."""
+    x = images.astype(jnp.float32) / 255.0
+    if x.shape[1:3] == (img_size, img_size):
+        return x
+    return jax.image.resize(x, (x.shape[0], img_size, img_size, 3), method="bilinear")
+
+
+def normalize(x):
+    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+
+
+def preprocess(images, img_size: int):
+    """Evaluation: resize and normalize. uint8 (B, 32, 32, 3) -> float32 (B, S, S, 3)."""
+    return normalize(resize(images, img_size))
+
+
+def _jitter(key, x, strength: float):
+    """torchvision's ColorJitter(brightness=s, contrast=s, saturation=s) on one [0, 1] image.
+
+    Factors are drawn uniformly from [1 - s, 1 + s]; the order is fixed (torchvision shuffles it).
+    """
+    b, c, s = jax.random.uniform(key, (3,), minval=1 - strength, maxval=1 + strength)
+    gray = lambda img: jnp.dot(img, jnp.asarray([0.299, 0.587, 0.114]))[..., None]
+    x = jnp.clip(x * b, 0, 1)
+    x = jnp.clip((x - gray(x).mean()) * c + gray(x).mean(), 0, 1)
+    return jnp.clip((x - gray(x)) * s + gray(x), 0, 1)
+
+
+def _augment_one(key, x, rotation: float, color_jitter: float):
+    """One resized [0, 1] image (S, S, 3): flip, padded crop, optional rotation and jitter."""
+    k_flip, k_crop, k_rot, k_jit = jax.random.split(key, 4)
+    x = pix.random_flip_left_right(k_flip, x)
+    padded = jnp.pad(x, ((CROP_PADDING, CROP_PADDING), (CROP_PADDING, CROP_PADDING), (0, 0)))
+    x = pix.random_crop(k_crop, padded, x.shape)  # zero padding, as torchvision's fill=0
+    if rotation:
+        angle = jax.random.uniform(k_rot, minval=-rotation, maxval=rotation) * jnp.pi / 180
+        x = pix.rotate(x, angle, order=1, mode="constant", cval=0.0)
+    if color_jitter:
+        x = _jitter(k_jit, x, color_jitter)
+    return x
+
+
+def augment(key, images, img_size: int, rotation: float = 0.0, color_jitter: float = 0.0):
+    """Training: uint8 (B, 32, 32, 3) -> augmented, normalized float32 (B, S, S, 3).
+
+    Each image gets its own key, so the result depends only on `key`, never on the batch split.
+    """
+    x = resize(images, img_size)
+    keys = jax.random.split(key, x.shape[0])
+    x = jax.vmap(_augment_one, in_axes=(0, 0, None, None))(keys, x, rotation, color_jitter)
+    return normalize(x)

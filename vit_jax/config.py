@@ -1,0 +1,154 @@
+"""Configuration: the architecture (`ModelConfig`, with named presets) and the run (`TrainConfig`).
+
+Both are frozen dataclasses; `parse_args` builds them from the command line, with a flag for every
+field. A mistyped flag or an impossible value fails at once with a message that says what to change.
+"""
+
+import argparse
+import dataclasses
+from typing import Optional
+
+from vit_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The ViT architecture. The same object builds the Flax model and its PyTorch twin."""
+
+    img_size: int = 224  # input side in pixels; CIFAR-10's 32x32 images are resized to it
+    patch_size: int = 16  # side of the square patches the image is cut into
+    num_classes: int = 10  # output classes
+    embed_dim: int = 384  # token width
+    depth: int = 6  # transformer blocks
+    num_heads: int = 6  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    drop_rate: float = 0.0  # dropout after the embedding, attention projection and MLP
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this in the last block
+    dtype: str = "float32"  # compute dtype (parameters stay float32): float32 or bfloat16
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def validate(self) -> "ModelConfig":
+        for name in ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise UserError(
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+                f"choose sizes such that the patches tile the image")
+        if self.embed_dim % self.num_heads:
+            raise UserError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}: "
+                f"each head takes embed_dim / num_heads channels")
+        if self.mlp_ratio <= 0 or int(self.embed_dim * self.mlp_ratio) <= 0:
+            raise UserError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for name in ("drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        return self
+
+
+PRESETS = {
+    # The PyTorch tutorial's model: 11,022,730 parameters with 10 classes.
+    "seed": ModelConfig(),
+    # Native 32x32 input with 4x4 patches (65 tokens instead of 197): trains on a CPU.
+    "cifar": ModelConfig(img_size=32, patch_size=4, embed_dim=256, depth=6, num_heads=4),
+    # Tiny, for tests.
+    "test": ModelConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    # The standard sizes (Dosovitskiy et al. 2021; Touvron et al. 2021 for Ti) at 224/16.
+    "vit_ti16": ModelConfig(embed_dim=192, depth=12, num_heads=3),
+    "vit_s16": ModelConfig(embed_dim=384, depth=12, num_heads=6),
+    "vit_b16": ModelConfig(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the PyTorch tutorial's recipe."""
+
+    preset: str = "seed"  # architecture preset (see PRESETS); model flags override its fields
+    epochs: int = 20  # passes over the training split
+    batch_size: int = 64  # global batch, split over all local devices
+    lr: float = 3e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    schedule: str = "epoch_cosine"  # epoch_cosine: PyTorch's CosineAnnealingLR stepped per epoch; cosine: per step
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine (schedule=cosine only)
+    decay_all: bool = True  # decay every parameter as torch.optim.AdamW does; --no-decay_all spares biases, norms, embeddings
+    seed: int = 42  # seeds initialization, shuffling and augmentation
+    workdir: str = "checkpoints"  # where config, metrics and checkpoints go; rerunning resumes from it
+    data_dir: Optional[str] = None  # tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    patience: int = 0  # stop after this many epochs without a better test accuracy (0: never)
+    train_limit: Optional[int] = None  # use only the first N training examples
+    test_limit: Optional[int] = None  # use only the first N test examples
+    rotation: float = 0.0  # random rotation up to this many degrees (the tutorial's tip: 15)
+    color_jitter: float = 0.0  # random brightness, contrast and saturation of this strength (tip: 0.2)
+    log_every: int = 100  # print the running loss and accuracy every N batches
+    init_from: Optional[str] = None  # start from this PyTorch checkpoint (.pth) instead of a random init
+
+    def validate(self) -> "TrainConfig":
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        if self.schedule not in ("epoch_cosine", "cosine"):
+            raise UserError(f"schedule must be epoch_cosine or cosine, got {self.schedule!r}")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.schedule != "cosine"):
+            raise UserError("warmup_epochs needs --schedule cosine and must be non-negative")
+        if self.warmup_epochs >= self.epochs:
+            raise UserError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if self.patience < 0:
+            raise UserError(f"patience must be 0 (off) or positive, got {self.patience}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rotation < 0 or self.color_jitter < 0:
+            raise UserError("rotation and color_jitter must be non-negative")
+        return self
+
+
+def model_config(train: TrainConfig, **overrides) -> ModelConfig:
+    """The preset's architecture with the given fields replaced (None means keep)."""
+    train.validate()
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[train.preset], **overrides).validate()
+
+
+def _add_fields(parser, cls, defaults_none: bool):
+    for f in dataclasses.fields(cls):
+        default = None if defaults_none else f.default
+        kind = f.type if not str(f.type).startswith("typing.Optional") else f.type.__args__[0]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "preset":
+            parser.add_argument("--preset", choices=list(PRESETS), default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=kind.__name__.upper())
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with a flag for every TrainConfig and ModelConfig field."""
+    parser = argparse.ArgumentParser(description=description)
+    _add_fields(parser.add_argument_group("run"), TrainConfig, defaults_none=False)
+    _add_fields(parser.add_argument_group("model (overrides the preset)"), ModelConfig, defaults_none=True)
+    return parser
+
+
+def parse_args(argv=None, description: str = "Train a ViT on CIFAR-10.") -> tuple[TrainConfig, ModelConfig]:
+    """Command line -> validated (TrainConfig, ModelConfig). Unknown flags exit with argparse's message."""
+    args = vars(build_parser(description).parse_args(argv))
+    train = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
+    model = model_config(train, **{f.name: args[f.name] for f in dataclasses.fields(ModelConfig)})
+    return train, model
+
+
+def to_dict(train: TrainConfig, model: ModelConfig) -> dict:
+    return {"train": dataclasses.asdict(train), "model": dataclasses.asdict(model)}

@@ -1,0 +1,146 @@
+"""The Vision Transformer in Flax (linen), written to mirror timm's `VisionTransformer`.
+
+`parity/model.py` is the same model in PyTorch: the same classes in the same order, with the same
+attribute names, so that the weight port is a table and the two can be compared stage by stage.
+Framework defaults that differ are pinned where they are used: LayerNorm epsilon 1e-6 (timm's, not
+Flax's 1e-5 or PyTorch's 1e-5), exact erf GELU (not Flax's tanh approximation), images NHWC here
+and NCHW in PyTorch.
+"""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from vit_jax.config import ModelConfig
+
+LN_EPS = 1e-6  # timm's ViT; so timm users loading our weights get the same logits.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+embed_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def gelu(x):
+    return nn.gelu(x, approximate=False)  # Flax defaults to the tanh form; torch.nn.GELU is exact.
+
+
+class PatchEmbed(nn.Module):
+    """Cuts the image into patches and projects each to a token: (B, H, W, 3) -> (B, N, D)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        p = self.config.patch_size
+        self.proj = nn.Conv(self.config.embed_dim, (p, p), strides=(p, p), padding="VALID",
+                            dtype=self.config.dtype)
+
+    def __call__(self, x):
+        x = self.proj(x)  # (B, H/p, W/p, D)
+        return x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, D), patches in row-major order
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, as timm has it."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.qkv = nn.Dense(3 * c.embed_dim, dtype=c.dtype, kernel_init=dense_init)
+        self.proj = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=dense_init)
+        self.proj_drop = nn.Dropout(c.drop_rate)
+
+    def __call__(self, x, deterministic: bool):
+        B, N, D = x.shape
+        H = self.config.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, H, D // H)  # timm's channel order: (q|k|v) x heads x head_dim
+        q, k, v = jnp.moveaxis(qkv, 2, 0)  # each (B, N, H, hd)
+        q = q * (D // H) ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, N, N)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        self.sow("intermediates", "attn", attn)  # kept only when asked for (visualization)
+        x = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v).reshape(B, N, D)
+        return self.proj_drop(self.proj(x), deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.fc1 = nn.Dense(int(c.embed_dim * c.mlp_ratio), dtype=c.dtype, kernel_init=dense_init)
+        self.drop1 = nn.Dropout(c.drop_rate)
+        self.fc2 = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=dense_init)
+        self.drop2 = nn.Dropout(c.drop_rate)
+
+    def __call__(self, x, deterministic: bool):
+        x = self.drop1(gelu(self.fc1(x)), deterministic=deterministic)
+        return self.drop2(self.fc2(x), deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    config: ModelConfig
+    drop_path: float = 0.0
+
+    def setup(self):
+        c = self.config
+        self.norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
+        self.attn = Attention(c)
+        # Stochastic depth: dropout broadcast over tokens and channels drops whole samples' residual
+        # branches and rescales the rest by 1/keep, which is exactly timm's DropPath.
+        self.drop_path1 = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+        self.norm2 = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
+        self.mlp = Mlp(c)
+        self.drop_path2 = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+
+    def __call__(self, x, deterministic: bool):
+        x = x + self.drop_path1(self.attn(self.norm1(x), deterministic), deterministic=deterministic)
+        return x + self.drop_path2(self.mlp(self.norm2(x), deterministic), deterministic=deterministic)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token (Dosovitskiy et al. 2021). Input: float images (B, H, W, 3), normalized."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.patch_embed = PatchEmbed(c)
+        self.cls_token = self.param("cls_token", embed_init, (1, 1, c.embed_dim))
+        self.pos_embed = self.param("pos_embed", embed_init, (1, c.num_patches + 1, c.embed_dim))
+        self.pos_drop = nn.Dropout(c.drop_rate)
+        rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
+        self.blocks = [Block(c, drop_path=r) for r in rates]  # named blocks_0, blocks_1, ...
+        self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
+        self.head = nn.Dense(c.num_classes, dtype=c.dtype, kernel_init=dense_init)
+
+    def forward_features(self, x, train: bool = False):
+        """Images -> final-norm tokens (B, N+1, D), and the named stages along the way."""
+        stages = {}
+        x = self.patch_embed(x.astype(self.config.dtype))  # (B, N, D)
+        cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)  # (B, N+1, D)
+        x = stages["embed"] = self.pos_drop(x, deterministic=not train)
+        for i, block in enumerate(self.blocks):
+            x = stages[f"block{i:02d}"] = block(x, deterministic=not train)
+        x = stages["norm"] = self.norm(x)
+        return x, stages
+
+    def forward_head(self, x):
+        """Final-norm tokens -> class logits (float32), from the class token."""
+        return self.head(x[:, 0]).astype(jnp.float32)
+
+    def __call__(self, x, train: bool = False, return_stages: bool = False):
+        x, stages = self.forward_features(x, train)
+        logits = stages["logits"] = self.forward_head(x)
+        return (logits, stages) if return_stages else logits
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Random initial parameters for `config` (float32)."""
+    dummy = jnp.zeros((1, config.img_size, config.img_size, 3), jnp.float32)
+    return VisionTransformer(config).init(rng, dummy)["params"]
+
+
+def count_params(params) -> int:
+    return sum(p.size for p in jax.tree.leaves(params))

@@ -1,0 +1,141 @@
+"""The train state, the optimizer and its schedule, and the jitted train and eval steps.
+
+Pure JAX: no data I/O, no TensorFlow, so the benchmark can run it on a bare accelerator. Steps are
+written for a device mesh: the batch is sharded over the 'data' axis, parameters are replicated, and
+XLA inserts the gradient all-reduce. One device is just a mesh of one.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vit_jax import augment
+from vit_jax.config import ModelConfig, TrainConfig
+from vit_jax.errors import UserError
+from vit_jax.model import VisionTransformer, init_params
+
+
+class TrainState(train_state.TrainState):
+    """params, opt_state and step; `step` counts optimizer updates since the start of training."""
+
+
+def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate as a function of the update count.
+
+    epoch_cosine (the default) is PyTorch's CosineAnnealingLR(T_max=epochs) stepped once per epoch:
+    constant within an epoch, lr at epoch 1, lr * (1 + cos(pi * e / epochs)) / 2 at epoch e + 1.
+    cosine decays every step, after an optional linear warm-up.
+    """
+    if cfg.schedule == "epoch_cosine":
+        per_epoch = optax.cosine_decay_schedule(cfg.lr, decay_steps=cfg.epochs)
+        return lambda count: per_epoch(count // steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup_steps=warmup, decay_steps=cfg.epochs * steps_per_epoch, end_value=0.0)
+
+
+def decay_mask(params):
+    """True for weight matrices; False for biases, norms, class token and position embedding."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim > 1 and path[-1].key not in ("cls_token", "pos_embed"), params)
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root.
+    return optax.adamw(make_schedule(cfg, steps_per_epoch), b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=cfg.weight_decay, mask=None if cfg.decay_all else decay_mask)
+
+
+def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
+                       params=None) -> TrainState:
+    """A fresh state: random parameters from cfg.seed unless `params` are given."""
+    if params is None:
+        params = init_params(model_cfg, jax.random.key(cfg.seed))
+    return TrainState.create(apply_fn=VisionTransformer(model_cfg).apply, params=params,
+                             tx=make_optimizer(cfg, steps_per_epoch))
+
+
+def zero_metrics() -> dict:
+    """Running sums over examples; means are taken on the host, only when printed."""
+    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.float32)}
+
+
+def _sums(logits, labels, mask):
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss": jnp.sum(loss * mask), "correct": jnp.sum((logits.argmax(-1) == labels) * mask),
+            "count": jnp.sum(mask)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Static settings of the on-device augmentation."""
+    img_size: int
+    rotation: float = 0.0
+    color_jitter: float = 0.0
+
+
+def train_step(state: TrainState, metrics: dict, images, labels, mask, key, aug: Augment):
+    """One AdamW update on a uint8 batch; padding examples (mask 0) carry no weight.
+
+    Randomness is a pure function of (key, step), so a resumed run draws what an uninterrupted one would.
+    """
+    step_key = jax.random.fold_in(key, state.step)
+    aug_key, dropout_key = jax.random.split(step_key)
+    x = augment.augment(aug_key, images, aug.img_size, aug.rotation, aug.color_jitter)
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": dropout_key})
+        sums = _sums(logits, labels, mask)
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    return state, jax.tree.map(jnp.add, metrics, sums)
+
+
+def eval_step(state: TrainState, metrics: dict, images, labels, mask, img_size: int):
+    logits = state.apply_fn({"params": state.params}, augment.preprocess(images, img_size))
+    return jax.tree.map(jnp.add, metrics, _sums(logits, labels, mask))
+
+
+@dataclasses.dataclass
+class Mesh:
+    """All local devices on one 'data' axis, with the shardings the steps use."""
+    mesh: Any
+    batch: NamedSharding  # leading axis split over devices
+    replicated: NamedSharding
+
+    @classmethod
+    def create(cls, batch_size: int) -> "Mesh":
+        n = jax.local_device_count()
+        if batch_size % n:
+            raise UserError(f"batch_size {batch_size} cannot be split over {n} devices: "
+                            f"use a multiple of {n}")
+        # Auto axes: XLA propagates the batch sharding and inserts the collectives itself.
+        mesh = jax.make_mesh((n,), ("data",), devices=jax.local_devices(),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+        return cls(mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
+
+    def put_batch(self, *arrays):
+        return tuple(jax.device_put(np.asarray(a), self.batch) for a in arrays)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+
+def jit_steps(mesh: Mesh, aug: Augment):
+    """The jitted train and eval steps for this mesh. The state and running metrics are donated."""
+    r = mesh.replicated
+    train = jax.jit(functools.partial(train_step, aug=aug), donate_argnums=(0, 1),
+                    out_shardings=(r, r))
+    evaluate = jax.jit(functools.partial(eval_step, img_size=aug.img_size), donate_argnums=(1,),
+                       out_shardings=r)
+    return train, evaluate
