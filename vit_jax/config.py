@@ -136,7 +136,7 @@ def _add_fields(parser, cls, defaults_none: bool):
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with a flag for every TrainConfig and ModelConfig field."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --epoch is a typo
     _add_fields(parser.add_argument_group("run"), TrainConfig, defaults_none=False)
     _add_fields(parser.add_argument_group("model (overrides the preset)"), ModelConfig, defaults_none=True)
     return parser

@@ -1,0 +1,54 @@
+"""Shared test helpers: a small CIFAR-10 archive in the official binary layout, written on the spot."""
+
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _records(images, labels):
+    # The official record: a label byte, then the red, green and blue planes, rows in order.
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([labels[:, None], planes], axis=1).tobytes()
+
+
+def write_cifar_archive(out_dir, n_train_per_batch, n_test, seed):
+    """Writes random CIFAR-10-like data as out_dir/cifar-10-binary.tar.gz and out_dir/cifar-10-batches-bin/.
+
+    Returns {'archive', 'folder', 'train': (images, labels), 'test': (images, labels)} with images
+    uint8 (N, 32, 32, 3) and labels uint8 (N,), in file order.
+    """
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return rng.integers(0, 256, (n, 32, 32, 3), np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+
+    train = [split(n_train_per_batch) for _ in range(5)]
+    test = split(n_test)
+    folder = os.path.join(out_dir, "cifar-10-batches-bin")
+    os.makedirs(folder, exist_ok=True)
+    for i, (x, y) in enumerate(train):
+        with open(os.path.join(folder, f"data_batch_{i + 1}.bin"), "wb") as f:
+            f.write(_records(x, y))
+    with open(os.path.join(folder, "test_batch.bin"), "wb") as f:
+        f.write(_records(*test))
+    with open(os.path.join(folder, "batches.meta.txt"), "w") as f:
+        f.write("\n".join(CLASSES) + "\n\n")
+    archive = os.path.join(out_dir, "cifar-10-binary.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-bin")
+    return {
+        "archive": archive,
+        "folder": folder,
+        "train": (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
+        "test": test,
+    }
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory):
+    """A small archive: 5 x 12 train and 17 test examples."""
+    return write_cifar_archive(str(tmp_path_factory.mktemp("cifar_archive")), 12, 17, seed=0)

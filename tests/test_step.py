@@ -1,0 +1,95 @@
+"""Optimizer, schedule and the jitted train step."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import step
+from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.errors import UserError
+
+
+def test_epoch_cosine_is_pytorchs_cosine_annealing_stepped_per_epoch():
+    cfg = TrainConfig(lr=3e-4, epochs=20)
+    schedule = step.make_schedule(cfg, steps_per_epoch=782)
+    for epoch in range(20):
+        expected = 3e-4 * (1 + math.cos(math.pi * epoch / 20)) / 2  # CosineAnnealingLR, eta_min 0
+        for s in (epoch * 782, epoch * 782 + 781):  # constant within the epoch
+            assert float(schedule(s)) == pytest.approx(expected, rel=1e-5)
+    assert float(schedule(0)) == pytest.approx(3e-4)  # epoch 1 runs at the full rate
+
+
+def test_per_step_cosine_with_warmup():
+    cfg = TrainConfig(lr=1e-3, epochs=10, schedule="cosine", warmup_epochs=1)
+    schedule = step.make_schedule(cfg, steps_per_epoch=100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(50)) == pytest.approx(5e-4)
+    assert float(schedule(100)) == pytest.approx(1e-3)
+    assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-9)
+    assert float(schedule(101)) < 1e-3
+
+
+def test_decay_mask_spares_biases_norms_and_embeddings():
+    params = step.init_params(PRESETS["test"], jax.random.key(0))
+    mask = step.decay_mask(params)
+    assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and mask["patch_embed"]["proj"]["kernel"]
+    assert not mask["blocks_0"]["attn"]["qkv"]["bias"]
+    assert not mask["blocks_0"]["norm1"]["scale"] and not mask["norm"]["bias"]
+    assert not mask["cls_token"] and not mask["pos_embed"]
+
+
+def _batch(mesh, n=32, seed=0):
+    """Images whose brightness gives away the label, plus noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (n, 32, 32, 3)), 0, 255)
+    return mesh.put_batch(images.astype(np.uint8), labels, np.ones(n, np.float32))
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    cfg = TrainConfig(preset="test", lr=3e-3, weight_decay=0.0)
+    mesh = step.Mesh.create(32)
+    state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, steps_per_epoch=100))
+    train_fn, eval_fn = step.jit_steps(mesh, step.Augment(32))
+    batch = _batch(mesh)
+
+    def eval_loss(state):
+        m = eval_fn(state, mesh.replicate(step.zero_metrics()), *batch)
+        return float(m["loss"] / m["count"])
+
+    before = eval_loss(state)
+    for _ in range(60):
+        state, metrics = train_fn(state, mesh.replicate(step.zero_metrics()), *batch, jax.random.key(0))
+        assert np.isfinite(float(metrics["loss"]))
+    after = eval_loss(state)
+    assert int(state.step) == 60
+    assert after < 0.8 * before, (before, after)
+
+
+def test_padding_examples_carry_no_weight():
+    """A batch padded with junk under mask 0 gives the update of the real examples alone."""
+    cfg = TrainConfig(preset="test")
+    mesh = step.Mesh.create(8)
+    train_fn, _ = step.jit_steps(mesh, step.Augment(32))
+    images, labels, mask = (np.asarray(a) for a in _batch(mesh, n=8))
+    padded_mask = mask.copy()
+    padded_mask[6:] = 0
+    junk = images.copy()
+    junk[6:] = 255 - junk[6:]
+    results = []
+    for imgs in (images, junk):
+        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, 10))
+        state, m = train_fn(state, mesh.replicate(step.zero_metrics()),
+                            *mesh.put_batch(imgs, labels, padded_mask), jax.random.key(0))
+        results.append((state.params, m))
+    assert float(results[0][1]["count"]) == 6.0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 results[0][0], results[1][0])
+
+
+def test_batch_that_devices_cannot_split_is_refused(monkeypatch):
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    with pytest.raises(UserError, match="multiple of 8"):
+        step.Mesh.create(60)
