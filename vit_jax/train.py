@@ -174,7 +174,8 @@ def train_and_evaluate(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
                 state, metrics = train_fn(state, metrics, *mesh.put_batch(*batch), key)
                 bar.update()
                 if jax.default_backend() == "cpu" and epoch * steps_per_epoch + i - start in (0, 3):
-                    t_warm = _warn_cpu(state, t_warm if i > first_batch else None, steps_per_epoch)
+                    t_warm = _warn_cpu(state, t_warm if i > first_batch else None, steps_per_epoch,
+                                       model_cfg.img_size)
                 if (i + 1) % cfg.log_every == 0:
                     loss, acc = _means(metrics)
                     bar.write(f"Batch [{i + 1}/{steps_per_epoch}] Loss: {loss:.4f} | Acc: {acc:.2f}%")
@@ -229,15 +230,15 @@ def _early_stop(cfg: TrainConfig, meta: dict, epoch: int) -> bool:
     return bool(cfg.patience) and meta["epochs_done"] == epoch and epoch - meta["best_epoch"] >= cfg.patience
 
 
-def _warn_cpu(state, t_warm, steps_per_epoch: int):
+def _warn_cpu(state, t_warm, steps_per_epoch: int, img_size: int):
     """Called after the first step (returns the time it was done) and after three more (warns)."""
     jax.block_until_ready(state.params)
     if t_warm is None:
         return time.time()
     per_step = (time.time() - t_warm) / 3
+    hint = "" if img_size <= 32 else "; --preset cifar (native 32x32 input) trains ~9x faster per image"
     print(f"warning: no accelerator found, running on the CPU at ~{per_step:.2f} s/batch, "
-          f"~{per_step * steps_per_epoch / 60:.0f} min per epoch; --preset cifar (32x32 input) trains "
-          f"far faster here", file=sys.stderr, flush=True)
+          f"~{per_step * steps_per_epoch / 60:.0f} min per epoch{hint}", file=sys.stderr, flush=True)
     return t_warm
 
 
