@@ -88,6 +88,8 @@ class TrainConfig:
     color_jitter: float = 0.0  # random brightness, contrast and saturation of this strength (tip: 0.2)
     log_every: int = 100  # print the running loss and accuracy every N batches
     init_from: Optional[str] = None  # start from this PyTorch checkpoint (.pth) instead of a random init
+    save_every: int = 0  # also save the latest state every N batches (0: at the end of each epoch only)
+    fresh: bool = False  # start over: move the workdir's checkpoints and metrics aside, never delete them
 
     def validate(self) -> "TrainConfig":
         if self.preset not in PRESETS:
@@ -107,6 +109,8 @@ class TrainConfig:
             raise UserError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
         if self.patience < 0:
             raise UserError(f"patience must be 0 (off) or positive, got {self.patience}")
+        if self.save_every < 0:
+            raise UserError(f"save_every must be 0 (epoch ends only) or positive, got {self.save_every}")
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")

@@ -99,25 +99,41 @@ def load_split(split: str, data_dir: str | None = None, limit: int | None = None
         raise UserError(f"unknown split {split!r}; CIFAR-10 has 'train' and 'test'")
     if limit is not None and limit <= 0:
         raise UserError(f"limit must be positive, got {limit}")
-    builder = tfds.builder("cifar10", data_dir=data_dir)
+    with _unreadable_data_is_a_user_error(data_dir):
+        builder = tfds.builder("cifar10", data_dir=data_dir)
     if not _is_prepared(builder):
         _download(builder)
-    # tfds answers a slice past the end with a bare ValueError; say it plainly. (Under
-    # tfds.testing.mock_data the splits are unknown and the check after loading speaks instead.)
-    splits = builder.info.splits
-    if limit is not None and split in splits and limit > splits[split].num_examples:
-        raise UserError(f"limit {limit} is larger than the {split} split ({splits[split].num_examples} examples)")
-    ds = builder.as_dataset(split=split if limit is None else f"{split}[:{limit}]", as_supervised=True)
-    if limit is not None:
-        ds = ds.take(limit)  # tfds.testing.mock_data ignores the slice
-    images, labels = [], []
-    for x, y in tfds.as_numpy(ds.batch(10_000)):
-        images.append(x)
-        labels.append(y.astype(np.int32))
-    images, labels = np.concatenate(images), np.concatenate(labels)
+    with _unreadable_data_is_a_user_error(data_dir):
+        # tfds answers a slice past the end with a bare ValueError; say it plainly. (Under
+        # tfds.testing.mock_data the splits are unknown and the check after loading speaks instead.)
+        splits = builder.info.splits
+        if limit is not None and split in splits and limit > splits[split].num_examples:
+            raise UserError(f"limit {limit} is larger than the {split} split ({splits[split].num_examples} examples)")
+        ds = builder.as_dataset(split=split if limit is None else f"{split}[:{limit}]", as_supervised=True)
+        if limit is not None:
+            ds = ds.take(limit)  # tfds.testing.mock_data ignores the slice
+        images, labels = [], []
+        for x, y in tfds.as_numpy(ds.batch(10_000)):
+            images.append(x)
+            labels.append(y.astype(np.int32))
+        images, labels = np.concatenate(images), np.concatenate(labels)
     if limit is not None and len(labels) < limit:
         raise UserError(f"limit {limit} is larger than the {split} split ({len(labels)} examples)")
     return images, labels
+
+
+@contextlib.contextmanager
+def _unreadable_data_is_a_user_error(data_dir):
+    """Damaged prepared files (truncated, edited, half deleted) become one message that says what to do."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # protobuf, tf.errors, OSError...: to the user they all mean the same
+        where = os.path.join(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"), "cifar10")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise UserError(f"the prepared CIFAR-10 in {where} cannot be read ({reason}): delete that folder and "
+                        f"prepare it again (python -m vit_jax.data prepare --archive PATH --data_dir DIR)") from None
 
 
 def _is_prepared(builder) -> bool:

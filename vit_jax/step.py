@@ -63,9 +63,14 @@ def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch
 
 
 def zero_metrics() -> dict:
-    """Running sums over examples; means are taken on the host, only when printed."""
+    """Running sums over examples (means are taken on the host, only when printed), and the first
+    step whose loss was not finite (-1: none yet)."""
     return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32)}
+            "count": jnp.zeros((), jnp.float32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def _accumulate(metrics: dict, sums: dict) -> dict:
+    return {**metrics, **{k: metrics[k] + v for k, v in sums.items()}}
 
 
 def _sums(logits, labels, mask):
@@ -97,13 +102,15 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, aug:
         return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
-    return state, jax.tree.map(jnp.add, metrics, sums)
+    metrics = _accumulate(metrics, sums)
+    first_bad = (metrics["nonfinite_step"] < 0) & ~jnp.isfinite(sums["loss"])
+    metrics["nonfinite_step"] = jnp.where(first_bad, state.step.astype(jnp.int32), metrics["nonfinite_step"])
+    return state.apply_gradients(grads=grads), metrics
 
 
 def eval_step(state: TrainState, metrics: dict, images, labels, mask, img_size: int):
     logits = state.apply_fn({"params": state.params}, augment.preprocess(images, img_size))
-    return jax.tree.map(jnp.add, metrics, _sums(logits, labels, mask))
+    return _accumulate(metrics, _sums(logits, labels, mask))
 
 
 @dataclasses.dataclass

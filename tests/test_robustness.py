@@ -1,0 +1,211 @@
+"""Training that survives: SIGKILL at any moment, damaged checkpoints, NaNs, two runs, bad input.
+
+The kill test is marked `faults` so it can run alone: pytest -m faults.
+"""
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import write_cifar_archive
+from vit_jax import data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("seconds", "images_per_sec")
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("robust")
+    write_cifar_archive(str(tmp), 20, 32, seed=2)
+    return data.prepare(str(tmp / "cifar-10-binary.tar.gz"), str(tmp / "tfds"), allow_checksum_mismatch=True)
+
+
+def _cmd(data_dir, workdir, *extra):
+    return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--epochs", "3",
+            "--batch_size", "16", "--train_limit", "96", "--test_limit", "32", "--log_every", "1",
+            "--save_every", "2", "--data_dir", data_dir, "--workdir", workdir, *extra]
+
+
+def _run(cmd):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def _latest_params(workdir):
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "latest")) if s.isdigit())
+    tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "latest", str(steps[-1]), "state"))
+    return steps[-1], tree["state"]["params"]
+
+
+def _assert_same_params(a, b):
+    import jax
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+
+
+@pytest.fixture(scope="module")
+def straight(cifar_dir, tmp_path_factory):
+    """An uninterrupted run to compare against."""
+    workdir = str(tmp_path_factory.mktemp("straight") / "run")
+    run = _run(_cmd(cifar_dir, workdir))
+    assert run.returncode == 0, run.stderr
+    return workdir
+
+
+# Output lines after which to kill: during a step, around the best and latest checkpoint saves (which
+# follow the epoch line), during evaluation (which follows the last batch line), at start-up.
+MARKERS = ("Batch [1/6]", "Batch [3/6]", "Batch [6/6]", "Epoch ", "New best model saved", "Model:")
+
+
+def _is_marker(line: str, marker: str) -> bool:
+    return line.startswith(marker) and (marker != "Epoch " or "Train Loss" in line)
+
+
+@pytest.mark.faults
+def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar_dir, straight, tmp_path):
+    rng = random.Random(0)
+    workdir = str(tmp_path / "killed")
+    kills = 0
+    for attempt in range(16):
+        marker, delay = rng.choice(MARKERS), rng.uniform(0.0, 0.3)
+        proc = subprocess.Popen(_cmd(cifar_dir, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if _is_marker(line, marker):
+                time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.stdout.read()
+        proc.wait(timeout=60)
+        out = "".join(seen)
+        assert "damaged checkpoint" not in out and "Traceback" not in out, out
+        if proc.returncode != -signal.SIGKILL:  # the run finished before its marker came
+            assert proc.returncode == 0, out
+            break
+        kills += 1
+        if kills == 8:
+            break
+    assert kills >= 6, kills
+    final = _run(_cmd(cifar_dir, workdir))
+    assert final.returncode == 0, final.stderr
+    assert "damaged checkpoint" not in final.stderr
+    assert _metrics(workdir) == _metrics(straight)
+    step_a, params_a = _latest_params(workdir)
+    step_b, params_b = _latest_params(straight)
+    assert step_a == step_b == 18
+    _assert_same_params(params_a, params_b)
+    print(f"{kills} kills survived out of {kills}; metrics and final parameters identical")
+
+
+def _damage(workdir, step):
+    """Truncates every data file of one checkpoint, as a full disk or a torn copy would."""
+    files = [f for f in glob.glob(os.path.join(workdir, "latest", str(step), "state", "**", "*"), recursive=True)
+             if os.path.isfile(f) and "/d/" in f]
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(max(os.path.getsize(f) // 3, 1))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(cifar_dir, straight, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert _run(_cmd(cifar_dir, workdir, "--epochs", "3")).returncode == 0
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "latest")) if s.isdigit())
+    assert steps == [16, 18]
+    _damage(workdir, 18)
+    rerun = _run(_cmd(cifar_dir, workdir))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipping damaged checkpoint {os.path.abspath(workdir)}/latest/18" in rerun.stderr
+    assert "Resuming from" in rerun.stdout and "step 16" in rerun.stdout
+    assert _metrics(workdir) == _metrics(straight)
+
+
+def test_no_usable_checkpoint_asks_before_starting_over(cifar_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert _run(_cmd(cifar_dir, workdir, "--epochs", "1")).returncode == 0
+    for s in os.listdir(os.path.join(workdir, "latest")):
+        if s.isdigit():
+            _damage(workdir, s)
+    refused = _run(_cmd(cifar_dir, workdir, "--epochs", "1"))
+    assert refused.returncode == 2 and "--fresh" in refused.stderr and "Traceback" not in refused.stderr
+    fresh = _run(_cmd(cifar_dir, workdir, "--epochs", "1", "--fresh"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert "moved the previous run's checkpoints and metrics to" in fresh.stdout
+    aside = glob.glob(os.path.join(workdir, "discarded-*"))
+    assert len(aside) == 1 and os.path.exists(os.path.join(aside[0], "latest"))  # nothing deleted
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_graceful_stop_saves_and_exits_with_its_own_code_within_seconds(cifar_dir, tmp_path, signum):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(cifar_dir, workdir, "--epochs", "50"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("Batch [2/6]"):
+            break
+    sent = time.time()
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == train.EXIT_INTERRUPTED, out
+    assert time.time() - sent < 10
+    assert "Run the same command again to resume" in out
+    assert os.listdir(os.path.join(workdir, "latest"))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    run = _run(_cmd(cifar_dir, workdir, "--lr", "1e6", "--save_every", "1"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "the loss stopped being finite at epoch 1, batch" in run.stderr
+    assert "learning rate (1e+06) is too high" in run.stderr
+    bad_step = int(run.stderr.split("(step ")[1].split(")")[0])
+    steps = [int(s) for s in os.listdir(os.path.join(workdir, "latest")) if s.isdigit()]
+    assert all(s <= bad_step for s in steps)  # nothing saved past the last good state
+    if steps:
+        _, params = _latest_params(workdir)
+        import jax
+        assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params))
+
+
+def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(cifar_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with train.workdir_lock(workdir):
+        refused = _run(_cmd(cifar_dir, workdir, "--epochs", "1"))
+    assert refused.returncode == 2 and f"is in use by process {os.getpid()}" in refused.stderr
+    # A lock file left by a process that died (no process holds it) does not block.
+    with open(os.path.join(workdir, "lock"), "w") as f:
+        f.write("process 999999 on elsewhere")
+    assert _run(_cmd(cifar_dir, workdir, "--epochs", "1")).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "/proc/version/run"], "cannot write to workdir"),
+    (["--data_dir", "/nonexistent/tfds"], "python -m vit_jax.data prepare"),
+    (["--save_every", "-1"], "save_every must be"),
+    (["--batch_size", "0"], "batch_size must be positive"),
+])
+def test_bad_input_gives_one_clear_line(cifar_dir, tmp_path, args, message):
+    cmd = _cmd(cifar_dir, str(tmp_path / "run"), "--epochs", "1") + args
+    run = _run(cmd)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert message in run.stderr, run.stderr
+    assert len([l for l in run.stderr.splitlines() if l.startswith("error:")]) == 1
