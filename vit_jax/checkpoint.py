@@ -71,9 +71,11 @@ def _abstract(tree):
 
 
 def discard(workdir: str) -> str | None:
-    """Moves a workdir's checkpoints and metrics into WORKDIR/discarded-<time>/ (for --fresh): a new
+    """Moves a workdir's checkpoints, metrics and pictures into WORKDIR/discarded-<time>/ (for --fresh): a new
     start never deletes a run. Returns that folder, or None when there was nothing to move."""
-    names = [n for n in ("latest", "best", "metrics.jsonl") if os.path.exists(os.path.join(workdir, n))]
+    run_files = ("latest", "best", "metrics.jsonl", "tensorboard", "summary.md", "curves.png", "attention.png",
+                 "analysis")
+    names = [n for n in run_files if os.path.exists(os.path.join(workdir, n))]
     if not names:
         return None
     aside = os.path.join(workdir, time.strftime("discarded-%Y%m%d-%H%M%S"))

@@ -90,6 +90,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # start from this PyTorch checkpoint (.pth) instead of a random init
     save_every: int = 0  # also save the latest state every N batches (0: at the end of each epoch only)
     fresh: bool = False  # start over: move the workdir's checkpoints and metrics aside, never delete them
+    tensorboard: bool = False  # also write the scalars as TensorBoard event files in WORKDIR/tensorboard
 
     def validate(self) -> "TrainConfig":
         if self.preset not in PRESETS:

@@ -19,7 +19,7 @@ import jax
 from tqdm import tqdm
 
 from vit_jax import config as config_lib
-from vit_jax import data, step
+from vit_jax import data, step, summary, tensorboard_log
 from vit_jax.checkpoint import Checkpoints, discard
 from vit_jax.config import ModelConfig, TrainConfig
 from vit_jax.errors import UserError, cli
@@ -27,7 +27,7 @@ from vit_jax.model import count_params
 
 EXIT_INTERRUPTED = 130
 # Settings that may change between runs of one training; all others shape its results.
-RESUMABLE_CHANGES = {"workdir", "data_dir", "log_every", "patience", "init_from", "save_every", "fresh"}
+RESUMABLE_CHANGES = {"workdir", "data_dir", "log_every", "patience", "init_from", "save_every", "fresh", "tensorboard"}
 
 
 class Interrupted(Exception):
@@ -194,6 +194,7 @@ class _Run:
             self.mesh, step.Augment(model_cfg.img_size, cfg.rotation, cfg.color_jitter))
         self.key = jax.random.key(cfg.seed)
         self.ckpts = Checkpoints(cfg.workdir)
+        self.tb = tensorboard_log.Writer(cfg.workdir, enabled=cfg.tensorboard)
 
         state = step.create_train_state(model_cfg, cfg, self.steps_per_epoch, initial_params(cfg, model_cfg))
         self.state = self.mesh.replicate(state)
@@ -228,10 +229,12 @@ class _Run:
         finally:
             self.ckpts.wait()
             self.ckpts.close()
+            self.tb.close()
         if self._patience_exhausted():
             print(f"Early stop: no better test accuracy for {cfg.patience} epochs")
         print(f"\nDone: best test accuracy {self.meta['best_acc']:.2f}% at epoch {self.meta['best_epoch']} "
               f"(checkpoints in {cfg.workdir})")
+        print(f"Summary: {summary.write_summary(cfg.workdir, describe_devices())}")
         return self.rows
 
     def _patience_exhausted(self) -> bool:
@@ -260,6 +263,8 @@ class _Run:
                 if (i + 1) % cfg.log_every == 0:
                     _check_finite(self.metrics, cfg, spe)
                     loss, acc = _means(self.metrics)
+                    self.tb.scalars({"loss": loss, "acc": acc, "lr": float(self.schedule(epoch * spe + i))},
+                                    epoch * spe + i + 1, prefix="train/")
                     bar.write(f"Batch [{i + 1}/{spe}] Loss: {loss:.4f} | Acc: {acc:.2f}%")
                 if i + 1 < spe and (self.stop or (cfg.save_every and (i + 1) % cfg.save_every == 0)):
                     self._save_latest(t0)
@@ -288,6 +293,8 @@ class _Run:
             print(f"New best model saved (test acc {test_acc:.2f}%)")
         # metrics.jsonl first, then the checkpoint: a resume drops rows the checkpoint lacks.
         _write_atomic(os.path.join(cfg.workdir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.tb.scalars({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * spe, prefix="epoch/")
+        self.tb.flush()
         self.metrics = self.mesh.replicate(step.zero_metrics())
         self.meta.update(epochs_done=epoch + 1, seconds_in_epoch=0.0)
         self.ckpts.save_latest(self.state, self.metrics, self.meta)

@@ -1,0 +1,80 @@
+"""Attention weights of the trained model, and the maps made from them: rollout and class-token attention.
+
+The weights are the ones `model.Attention` sows while the model runs, so what is shown is what the
+trained model computed: there is no second implementation of the forward pass here.
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from vit_jax import augment
+from vit_jax.config import ModelConfig
+from vit_jax.model import VisionTransformer
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model_cfg: ModelConfig, params, images):
+    x = augment.preprocess(images, model_cfg.img_size)  # the eval pipeline
+    logits, state = VisionTransformer(model_cfg).apply({"params": params}, x, mutable=["intermediates"])
+    # Each block sows one (B, H, N+1, N+1) array into a tuple.
+    attn = [state["intermediates"][f"blocks_{i}"]["attn"]["attn"][0] for i in range(model_cfg.depth)]
+    return logits, jax.numpy.stack(attn)  # (L, B, H, N+1, N+1)
+
+
+def attention_weights(model_cfg: ModelConfig, params, images) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (B, 32, 32, 3) -> (logits (B, C), softmax weights of every layer (L, B, H, N+1, N+1)).
+
+    Token 0 is the class token; tokens 1..N are the patches in row-major order.
+    """
+    logits, attn = _forward(model_cfg, params, np.asarray(images))
+    return np.asarray(logits), np.asarray(attn)
+
+
+def grid_side(num_tokens: int) -> int:
+    """Side of the square patch grid behind N+1 tokens (the class token and N patches)."""
+    side = int(round((num_tokens - 1) ** 0.5))
+    if side * side != num_tokens - 1:
+        raise ValueError(f"{num_tokens - 1} patch tokens do not form a square grid")
+    return side
+
+
+def rollout(attn: np.ndarray) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema 2020): (L, B, H, T, T) weights -> (B, g, g) maps.
+
+    Per layer the heads are averaged. The residual connection around each attention layer carries a
+    token's own representation forward untouched, so the layer's effective mixing is taken as half
+    attention, half identity: A + I with its rows renormalized to sum to one, i.e. (A + I) / 2. The
+    MLPs and LayerNorms, which act on each token alone, are left out. The layers are then composed,
+    A_L ... A_2 A_1, and the class token's row over the patch tokens says how much each input patch
+    reaches the class token through all layers. Each map is non-negative and sums to one.
+    """
+    mixing = attn.astype(np.float64).mean(axis=2)  # (L, B, T, T)
+    mixing = mixing + np.eye(mixing.shape[-1])
+    mixing /= mixing.sum(axis=-1, keepdims=True)
+    joint = mixing[0]
+    for layer in mixing[1:]:
+        joint = layer @ joint  # (B, T, T): later layers act on what earlier ones produced
+    maps = joint[:, 0, 1:]  # the class token's row, over patches
+    maps /= maps.sum(axis=-1, keepdims=True)
+    g = grid_side(attn.shape[-1])
+    return maps.reshape(-1, g, g)  # (B, g, g), patches row-major as PatchEmbed cuts them
+
+
+def cls_attention(attn: np.ndarray, layer: int = -1) -> np.ndarray:
+    """What the class token attends to in one layer, per head: (L, B, H, T, T) -> (B, H, g, g).
+
+    The class token's softmax row over the patch tokens only (its weight on itself is left out), so
+    each map sums to at most one.
+    """
+    maps = attn[layer, :, :, 0, 1:]  # (B, H, N)
+    g = grid_side(attn.shape[-1])
+    return maps.reshape(maps.shape[0], maps.shape[1], g, g)
+
+
+def upsample(maps: np.ndarray, size: int) -> np.ndarray:
+    """(..., g, g) patch maps -> (..., size, size), bilinear, to lie over an image of that size."""
+    maps = np.asarray(maps, np.float32)
+    out = jax.image.resize(maps, maps.shape[:-2] + (size, size), method="bilinear")
+    return np.maximum(np.asarray(out), 0.0)  # bilinear weights are non-negative; this only clips rounding

@@ -1,0 +1,95 @@
+"""`python -m vit_jax.plot --workdir DIR`: the training curves of a run, from its metrics.jsonl, as one PNG.
+
+Loss and accuracy, train and test, per epoch, and the learning rate; the best epoch is marked.
+It reads only metrics.jsonl, which training rewrites whole after every epoch, so it works while a
+run is still going. Written to DIR/curves.png unless `--out` says otherwise.
+"""
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed, none opened
+import matplotlib.pyplot as plt
+
+from vit_jax.errors import UserError, cli
+
+DPI = 100
+CURVES_PX = (1500, 450)  # (width, height) of curves.png
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of DIR/metrics.jsonl, one per finished epoch. Raises UserError when there are none."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        if not os.path.exists(os.path.join(workdir, "config.json")):
+            raise UserError(f"{workdir!r} has no metrics.jsonl: is it the --workdir of a training run?")
+        raise UserError(f"no epoch of the run in {workdir!r} has finished yet: try again after the first")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise UserError(f"no epoch of the run in {workdir!r} has finished yet: try again after the first")
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The epoch with the best test accuracy; the first of equals, as training keeps it."""
+    return max(rows, key=lambda r: (r["test_acc"], -r["epoch"]))
+
+
+def plot_curves(rows: list[dict], out: str, title: str = "") -> str:
+    epochs = [r["epoch"] for r in rows]
+    best = best_row(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(CURVES_PX[0] / DPI, CURVES_PX[1] / DPI), dpi=DPI, layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    panels = [("loss", "cross-entropy loss"), ("acc", "accuracy (%)")]
+    for ax, (key, label) in zip(axes, panels):
+        for split, color in (("train", "tab:blue"), ("test", "tab:orange")):
+            ax.plot(epochs, [r[f"{split}_{key}"] for r in rows], "o-", color=color, markersize=3, label=split)
+        ax.set_ylabel(label)
+    axes[1].plot(best["epoch"], best["test_acc"], "*", color="tab:red", markersize=12,
+                 label=f"best test {best['test_acc']:.2f}% (epoch {best['epoch']})")
+    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green", markersize=3)
+    axes[2].set_ylabel("learning rate (at the epoch's start)")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in axes:
+        ax.axvline(best["epoch"], color="gray", linestyle=":", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
+    axes[0].legend()
+    axes[1].legend()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the size stays CURVES_PX
+    plt.close(fig)
+    return out
+
+
+def plot_run(workdir: str, out: str | None = None) -> str:
+    """Draws DIR/metrics.jsonl to `out` (default DIR/curves.png); returns the path."""
+    rows = read_metrics(workdir)
+    preset = ""
+    config = os.path.join(workdir, "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            train = json.load(f)["train"]
+        preset = f" ({train['preset']}, {len(rows)} of {train['epochs']} epochs)"
+    return plot_curves(rows, out or os.path.join(workdir, "curves.png"), f"Training curves of {workdir}{preset}")
+
+
+@cli
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m vit_jax.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="checkpoints", help="the training run to draw")
+    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/curves.png)")
+    a = parser.parse_args(argv)
+    out = plot_run(a.workdir, a.out)
+    print(f"Wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

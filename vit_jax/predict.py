@@ -1,0 +1,120 @@
+"""`python -m vit_jax.predict --workdir DIR IMAGE...`: the best model's top classes for your own images.
+
+Also the inference the other inspection commands share: images read the way CIFAR-10's were made
+(`load_image`), and class probabilities in batches through one jitted apply (`predict_logits`).
+"""
+
+import argparse
+import functools
+import sys
+
+import jax
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vit_jax import augment, data
+from vit_jax.config import ModelConfig
+from vit_jax.errors import UserError, cli
+from vit_jax.evaluate import load_best
+from vit_jax.model import VisionTransformer
+
+CIFAR_SIDE = 32
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """CIFAR-10's names; plain indices for a model trained with another number of classes."""
+    if num_classes == len(data.CLASS_NAMES):
+        return data.CLASS_NAMES
+    return tuple(str(i) for i in range(num_classes))
+
+
+def load_image(path: str) -> np.ndarray:
+    """Any image Pillow reads -> uint8 (32, 32, 3), made the way CIFAR-10's images were: small and square.
+
+    The photo is turned upright (EXIF), transparency is laid over white, the largest centered square
+    is kept (squashing a wide photo would distort its objects), and it is reduced to 32x32 with an
+    antialiasing filter, so fine detail averages out instead of aliasing. Raises OSError for a file
+    that is missing or not an image (PIL's UnidentifiedImageError is one).
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
+        img = img.convert("RGB")
+        img = ImageOps.fit(img, (CIFAR_SIDE, CIFAR_SIDE), method=Image.Resampling.LANCZOS)
+        return np.asarray(img, np.uint8)
+
+
+def load_images(paths) -> dict[str, np.ndarray]:
+    """{path: uint8 (32, 32, 3)} for the files that are images; each other one gets a line on stderr."""
+    loaded = {}
+    for path in paths:
+        try:
+            loaded[path] = load_image(path)
+        except UnidentifiedImageError:
+            print(f"error: {path} is not an image Pillow can read; skipped", file=sys.stderr)
+        except OSError as e:  # missing, a folder, unreadable, truncated
+            print(f"error: cannot read {path} ({e.strerror or e}); skipped", file=sys.stderr)
+    if not loaded:
+        raise UserError("none of the given files could be read as an image")
+    return loaded
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model_cfg: ModelConfig, params, images):
+    return VisionTransformer(model_cfg).apply({"params": params}, augment.preprocess(images, model_cfg.img_size))
+
+
+def predict_logits(model_cfg: ModelConfig, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 images (N, 32, 32, 3) -> logits (N, C) float32, through the eval pipeline.
+
+    Batches are padded to one size, so the apply compiles once however many images there are.
+    """
+    if len(images) == 0:
+        return np.zeros((0, model_cfg.num_classes), np.float32)
+    batch_size = min(batch_size, len(images))
+    out = []
+    for x, _, mask in data.epoch_batches(images, np.zeros(len(images), np.int32), batch_size):
+        out.append(np.asarray(_logits(model_cfg, params, x))[mask > 0])
+    return np.concatenate(out)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities in float64, so that each row sums to one to the last digit that matters."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, names, k: int = 3) -> list[tuple[str, float]]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(names[i], float(probs[i])) for i in order]
+
+
+@cli
+def main(argv=None) -> dict:
+    """Prints the top classes of each image; returns {path: probabilities (C,), or None if unreadable}."""
+    parser = argparse.ArgumentParser(prog="python -m vit_jax.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files in any format Pillow reads")
+    parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
+    parser.add_argument("--top", type=int, default=3, help="how many classes to print per image")
+    a = parser.parse_args(argv)
+    if a.top <= 0:
+        raise UserError(f"--top must be positive, got {a.top}")
+
+    model_cfg, params, meta = load_best(a.workdir)
+    names = class_names(model_cfg.num_classes)
+    loaded = load_images(a.images)
+    probs = softmax(predict_logits(model_cfg, params, np.stack(list(loaded.values()))))
+    results = dict.fromkeys(a.images)  # in the order given; None for the files skipped
+    print(f"Best model of {a.workdir} (epoch {meta['epoch']}, test accuracy {meta['test_acc']:.2f}% when saved):")
+    for path, p in zip(loaded, probs):
+        results[path] = p
+        print(f"{path}: " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in top_k(p, names, a.top)))
+    return results
+
+
+if __name__ == "__main__":
+    # Exit status 1 when some file was skipped, so that scripts notice; the others were still predicted.
+    sys.exit(0 if all(p is not None for p in main().values()) else 1)
