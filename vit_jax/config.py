@@ -6,6 +6,8 @@ field. A mistyped flag or an impossible value fails at once with a message that 
 
 import argparse
 import dataclasses
+import inspect
+import re
 from typing import Optional
 
 from vit_jax.errors import UserError
@@ -127,21 +129,32 @@ def model_config(train: TrainConfig, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[train.preset], **overrides).validate()
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The one-line comment beside each field in the source: the flags' help text."""
+    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
+    return {m.group(1): m.group(2) for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
+
+
 def _add_fields(parser, cls, defaults_none: bool):
+    helps = _field_comments(cls)
     for f in dataclasses.fields(cls):
+        help_text = helps.get(f.name, "") + ("" if defaults_none else " (default: %(default)s)")
         default = None if defaults_none else f.default
         kind = f.type if not str(f.type).startswith("typing.Optional") else f.type.__args__[0]
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
         elif f.name == "preset":
-            parser.add_argument("--preset", choices=list(PRESETS), default=default)
+            parser.add_argument("--preset", choices=list(PRESETS), default=default, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=kind.__name__.upper())
+            parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=kind.__name__.upper(),
+                                help=help_text)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with a flag for every TrainConfig and ModelConfig field."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --epoch is a typo
+    parser = argparse.ArgumentParser(prog="python -m vit_jax.train", description=description,
+                                     allow_abbrev=False)  # --epoch is a typo
     _add_fields(parser.add_argument_group("run"), TrainConfig, defaults_none=False)
     _add_fields(parser.add_argument_group("model (overrides the preset)"), ModelConfig, defaults_none=True)
     return parser
