@@ -52,3 +52,14 @@ def write_cifar_archive(out_dir, n_train_per_batch, n_test, seed):
 def small_cifar(tmp_path_factory):
     """A small archive: 5 x 12 train and 17 test examples."""
     return write_cifar_archive(str(tmp_path_factory.mktemp("cifar_archive")), 12, 17, seed=0)
+
+
+@pytest.fixture(scope="session")
+def prepared_cifar(tmp_path_factory):
+    """A tfds data_dir prepared offline (vit_jax.data.prepare) from a small archive in the official
+    format: 100 train and 32 test examples. For runs of the command line in subprocesses."""
+    from vit_jax import data
+
+    tmp = tmp_path_factory.mktemp("prepared")
+    write_cifar_archive(str(tmp), 20, 32, seed=1)
+    return data.prepare(str(tmp / "cifar-10-binary.tar.gz"), str(tmp / "tfds"), allow_checksum_mismatch=True)

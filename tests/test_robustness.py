@@ -16,18 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import write_cifar_archive
-from vit_jax import data, train
+from vit_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("seconds", "images_per_sec")
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("robust")
-    write_cifar_archive(str(tmp), 20, 32, seed=2)
-    return data.prepare(str(tmp / "cifar-10-binary.tar.gz"), str(tmp / "tfds"), allow_checksum_mismatch=True)
 
 
 def _cmd(data_dir, workdir, *extra):
@@ -60,10 +52,10 @@ def _assert_same_params(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(cifar_dir, tmp_path_factory):
+def straight(prepared_cifar, tmp_path_factory):
     """An uninterrupted run to compare against."""
     workdir = str(tmp_path_factory.mktemp("straight") / "run")
-    run = _run(_cmd(cifar_dir, workdir))
+    run = _run(_cmd(prepared_cifar, workdir))
     assert run.returncode == 0, run.stderr
     return workdir
 
@@ -78,13 +70,13 @@ def _is_marker(line: str, marker: str) -> bool:
 
 
 @pytest.mark.faults
-def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar_dir, straight, tmp_path):
+def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(prepared_cifar, straight, tmp_path):
     rng = random.Random(0)
     workdir = str(tmp_path / "killed")
     kills = 0
     for attempt in range(16):
         marker, delay = rng.choice(MARKERS), rng.uniform(0.0, 0.3)
-        proc = subprocess.Popen(_cmd(cifar_dir, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(_cmd(prepared_cifar, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         seen = []
         for line in proc.stdout:
@@ -104,7 +96,7 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar
         if kills == 8:
             break
     assert kills >= 6, kills
-    final = _run(_cmd(cifar_dir, workdir))
+    final = _run(_cmd(prepared_cifar, workdir))
     assert final.returncode == 0, final.stderr
     assert "damaged checkpoint" not in final.stderr
     assert _metrics(workdir) == _metrics(straight)
@@ -125,44 +117,44 @@ def _damage(workdir, step):
             fh.truncate(max(os.path.getsize(f) // 3, 1))
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(cifar_dir, straight, tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared_cifar, straight, tmp_path):
     workdir = str(tmp_path / "run")
-    assert _run(_cmd(cifar_dir, workdir, "--epochs", "3")).returncode == 0
+    assert _run(_cmd(prepared_cifar, workdir, "--epochs", "3")).returncode == 0
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "latest")) if s.isdigit())
     assert steps == [16, 18]
     _damage(workdir, 18)
-    rerun = _run(_cmd(cifar_dir, workdir))
+    rerun = _run(_cmd(prepared_cifar, workdir))
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipping damaged checkpoint {os.path.abspath(workdir)}/latest/18" in rerun.stderr
     assert "Resuming from" in rerun.stdout and "step 16" in rerun.stdout
     assert _metrics(workdir) == _metrics(straight)
 
 
-def test_no_usable_checkpoint_asks_before_starting_over(cifar_dir, tmp_path):
+def test_no_usable_checkpoint_asks_before_starting_over(prepared_cifar, tmp_path):
     workdir = str(tmp_path / "run")
-    assert _run(_cmd(cifar_dir, workdir, "--epochs", "1")).returncode == 0
+    assert _run(_cmd(prepared_cifar, workdir, "--epochs", "1")).returncode == 0
     for s in os.listdir(os.path.join(workdir, "latest")):
         if s.isdigit():
             _damage(workdir, s)
-    refused = _run(_cmd(cifar_dir, workdir, "--epochs", "1"))
+    refused = _run(_cmd(prepared_cifar, workdir, "--epochs", "1"))
     assert refused.returncode == 2 and "--fresh" in refused.stderr and "Traceback" not in refused.stderr
-    fresh = _run(_cmd(cifar_dir, workdir, "--epochs", "1", "--fresh"))
+    fresh = _run(_cmd(prepared_cifar, workdir, "--epochs", "1", "--fresh"))
     assert fresh.returncode == 0, fresh.stderr
     assert "moved the previous run's checkpoints and metrics to" in fresh.stdout
     aside = glob.glob(os.path.join(workdir, "discarded-*"))
     assert len(aside) == 1 and os.path.exists(os.path.join(aside[0], "latest"))  # nothing deleted
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_graceful_stop_saves_and_exits_with_its_own_code_within_seconds(cifar_dir, tmp_path, signum):
+def test_sigterm_saves_and_exits_with_its_own_code_within_seconds(prepared_cifar, tmp_path):
+    """(SIGINT, and resuming after it, is tested in test_train.py.)"""
     workdir = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd(cifar_dir, workdir, "--epochs", "50"), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(prepared_cifar, workdir, "--epochs", "50"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("Batch [2/6]"):
             break
     sent = time.time()
-    proc.send_signal(signum)
+    proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == train.EXIT_INTERRUPTED, out
     assert time.time() - sent < 10
@@ -170,9 +162,9 @@ def test_graceful_stop_saves_and_exits_with_its_own_code_within_seconds(cifar_di
     assert os.listdir(os.path.join(workdir, "latest"))
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_cifar, tmp_path):
     workdir = str(tmp_path / "run")
-    run = _run(_cmd(cifar_dir, workdir, "--lr", "1e6", "--save_every", "1"))
+    run = _run(_cmd(prepared_cifar, workdir, "--lr", "1e6", "--save_every", "1"))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "the loss stopped being finite at epoch 1, batch" in run.stderr
     assert "learning rate (1e+06) is too high" in run.stderr
@@ -185,16 +177,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_
         assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params))
 
 
-def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(cifar_dir, tmp_path):
+def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(prepared_cifar, tmp_path):
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
     with train.workdir_lock(workdir):
-        refused = _run(_cmd(cifar_dir, workdir, "--epochs", "1"))
+        refused = _run(_cmd(prepared_cifar, workdir, "--epochs", "1"))
     assert refused.returncode == 2 and f"is in use by process {os.getpid()}" in refused.stderr
     # A lock file left by a process that died (no process holds it) does not block.
     with open(os.path.join(workdir, "lock"), "w") as f:
         f.write("process 999999 on elsewhere")
-    assert _run(_cmd(cifar_dir, workdir, "--epochs", "1")).returncode == 0
+    assert _run(_cmd(prepared_cifar, workdir, "--epochs", "1")).returncode == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -203,8 +195,8 @@ def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(cifar_
     (["--save_every", "-1"], "save_every must be"),
     (["--batch_size", "0"], "batch_size must be positive"),
 ])
-def test_bad_input_gives_one_clear_line(cifar_dir, tmp_path, args, message):
-    cmd = _cmd(cifar_dir, str(tmp_path / "run"), "--epochs", "1") + args
+def test_bad_input_gives_one_clear_line(prepared_cifar, tmp_path, args, message):
+    cmd = _cmd(prepared_cifar, str(tmp_path / "run"), "--epochs", "1") + args
     run = _run(cmd)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert message in run.stderr, run.stderr

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import write_cifar_archive
-from vit_jax import data, evaluate, train
+from vit_jax import evaluate, train
 from vit_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,14 +67,6 @@ def test_command_line_end_to_end_on_mock_data(tmp_path, capsys):
     # Another preset in the same workdir is refused, naming what differs.
     with tfds.testing.mock_data(num_examples=40), pytest.raises(UserError, match="embed_dim: 32 -> 256"):
         train.train_and_evaluate(*train.config_lib.parse_args(args[:1] + ["cifar"] + args[2:]))
-
-
-@pytest.fixture(scope="module")
-def prepared_cifar(tmp_path_factory):
-    """A tfds data_dir prepared offline from a small archive in the official format (100 train, 32 test)."""
-    tmp = tmp_path_factory.mktemp("prepared")
-    write_cifar_archive(str(tmp), 20, 32, seed=1)
-    return data.prepare(str(tmp / "cifar-10-binary.tar.gz"), str(tmp / "tfds"), allow_checksum_mismatch=True)
 
 
 def _train_cmd(data_dir, workdir, *extra):

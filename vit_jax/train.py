@@ -208,7 +208,8 @@ class _Run:
         self.resumed = restored is not None
         if self.resumed:
             self.state, self.metrics, self.meta = restored
-        self._t_warm = None  # for the CPU warning
+        self._cpu_clock = None  # for the one CPU warning: when the first step was done
+        self._cpu_warned = False
         self.rows = _read_metrics(cfg.workdir, self.meta["epochs_done"])
 
     def train(self) -> list[dict]:
@@ -305,17 +306,17 @@ class _Run:
 
     def _warn_cpu(self):
         """Once per run: notes the time after the first step and warns three steps later."""
-        if self._t_warm == "warned":
+        if self._cpu_warned:
             return
         jax.block_until_ready(self.state.params)
-        if self._t_warm is None:
-            self._t_warm = time.time()
+        if self._cpu_clock is None:
+            self._cpu_clock = time.time()
             return
-        per_step = (time.time() - self._t_warm) / 3
+        per_step = (time.time() - self._cpu_clock) / 3
         hint = "" if self.model_cfg.img_size <= 32 else "; --preset cifar (native 32x32 input) trains ~9x faster per image"
         print(f"warning: no accelerator found, running on the CPU at ~{per_step:.2f} s/batch, "
               f"~{per_step * self.steps_per_epoch / 60:.0f} min per epoch{hint}", file=sys.stderr, flush=True)
-        self._t_warm = "warned"
+        self._cpu_warned = True
 
 
 @cli
