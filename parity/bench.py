@@ -1,0 +1,131 @@
+"""`python -m parity.bench --preset P --batch_size B`: the JAX train step beside the PyTorch twin's.
+
+All three run in one process, one after the other, on the same device and the same batch shape: the
+jitted JAX step (`vit_jax.bench`), the twin's step in eager PyTorch, and the same under
+`torch.compile` (reported as n/a, with the reason, where it fails). Every step does the same work:
+uint8 images -> resize, flip, padded crop, normalize -> forward, cross-entropy, backward, AdamW.
+Random uint8 batches stand in for data. Prints images/s of each and their ratio to JAX.
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from parity.model import VisionTransformer
+from vit_jax import augment
+from vit_jax import bench as jax_bench
+from vit_jax.augment import CROP_PADDING
+from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.errors import UserError, cli
+
+MEAN = torch.tensor(augment.MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(augment.STD).view(1, 3, 1, 1)
+
+
+def torch_augment(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """vit_jax.augment.augment's work in PyTorch: uint8 (B, 32, 32, 3) -> float (B, 3, S, S)."""
+    B, device = images.shape[0], images.device
+    x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 32, 32)
+    if x.shape[-1] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    flip = torch.rand(B, device=device) < 0.5
+    x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
+    x = F.pad(x, (CROP_PADDING,) * 4)  # (B, 3, S + 8, S + 8), zeros
+    dy, dx = torch.randint(0, 2 * CROP_PADDING + 1, (2, B, 1), device=device)
+    rows = (dy + torch.arange(img_size, device=device)).view(B, 1, img_size, 1)
+    cols = (dx + torch.arange(img_size, device=device)).view(B, 1, 1, img_size)
+    x = x[torch.arange(B, device=device).view(B, 1, 1, 1), torch.arange(3, device=device).view(1, 3, 1, 1), rows, cols]
+    return (x - MEAN.to(device)) / STD.to(device)  # (B, 3, S, S)
+
+
+def time_torch(preset: str, batch_size: int, steps: int, warmup: int, compile: bool, device: str) -> dict:
+    """ms per step and images/s of the twin's train step; the first step's time includes compiling."""
+    model_cfg = PRESETS[preset]
+    cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
+    model = VisionTransformer.from_config(model_cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay)
+    forward = torch.compile(model) if compile else model
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)).to(device)
+    labels = torch.from_numpy(rng.integers(0, 10, batch_size)).to(device)
+
+    def train_step():
+        loss = F.cross_entropy(forward(torch_augment(images, model_cfg.img_size)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def run(n):
+        t = time.perf_counter()
+        losses = [train_step() for _ in range(n)]
+        if losses:
+            losses[-1].item()  # waits for the device
+        return time.perf_counter() - t
+
+    first_step_s = run(1)
+    run(warmup)
+    step_s = run(steps) / steps
+    return {"first_step_s": first_step_s, "ms_per_step": 1e3 * step_s, "images_per_sec": batch_size / step_s}
+
+
+def bench(preset: str, batch_size: int, steps: int, warmup: int, compile: bool = True) -> dict:
+    """{'jax', 'torch_eager', 'torch_compile'}: each a dict of timings, or a string saying why not."""
+    # PyTorch goes where JAX is: the GPU when both have one, else the CPU.
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    out = {"preset": preset, "batch_size": batch_size, "jax_device": jax.devices()[0].device_kind,
+           "torch_device": device, "torch_threads": torch.get_num_threads()}
+    out["jax"] = jax_bench.run(preset, batch_size, "float32", steps, warmup, None)
+    out["torch_eager"] = time_torch(preset, batch_size, steps, warmup, False, device)
+    if not compile:
+        out["torch_compile"] = "n/a: --no-compile"
+        return out
+    try:
+        out["torch_compile"] = time_torch(preset, batch_size, steps, warmup, True, device)
+    except Exception as e:  # inductor fails in many ways (no compiler, unsupported op); all mean n/a
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        out["torch_compile"] = f"n/a: {type(e).__name__}: {reason}"
+    return out
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--preset", choices=list(PRESETS), default="seed")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, after warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the step under torch.compile")
+    parser.add_argument("--torch_threads", type=int, default=None,
+                        help="PyTorch's CPU threads (default: its own choice, one per core); on a CPU that "
+                             "other processes share, 1 can be faster")
+    a = parser.parse_args(argv)
+    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.torch_threads or 1) <= 0:
+        raise UserError("batch_size, steps and torch_threads must be positive, warmup non-negative")
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
+    r = bench(a.preset, a.batch_size, a.steps, a.warmup, a.compile)
+    print(f"{a.preset} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on {r['jax_device']}, "
+          f"PyTorch on {r['torch_device']} ({r['torch_threads']} threads) | {a.steps} timed steps")
+    print("each step: uint8 batch -> resize, flip, crop, normalize -> forward, backward, AdamW")
+    jax_ips = r["jax"]["images_per_sec"]
+    print(f"  {'JAX (jit)':<24} {jax_ips:>9.1f} images/s  {r['jax']['ms_per_step']:>9.1f} ms/step  "
+          f"(compile {r['jax']['compile_s']:.1f} s)")
+    for name, label in (("torch_eager", "PyTorch eager"), ("torch_compile", "PyTorch torch.compile")):
+        t = r[name]
+        if isinstance(t, str):
+            print(f"  {label:<24} {t}")
+            continue
+        print(f"  {label:<24} {t['images_per_sec']:>9.1f} images/s  {t['ms_per_step']:>9.1f} ms/step  "
+              f"(first step {t['first_step_s']:.1f} s) | {t['images_per_sec'] / jax_ips:.2f}x JAX")
+    return r
+
+
+if __name__ == "__main__":
+    main()

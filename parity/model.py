@@ -1,0 +1,173 @@
+"""The Vision Transformer in PyTorch: the twin of `vit_jax/model.py`.
+
+The same classes in the same order with the same attribute names, so the two files read side by side
+and the weight port (`parity/port.py`) is a table. Its `state_dict` keys are timm's
+`VisionTransformer` keys, and with the same weights it computes what timm's model computes. The
+framework defaults that differ are pinned here as on the Flax side: LayerNorm epsilon 1e-6, exact
+erf GELU, and images NCHW (the Flax model takes NHWC).
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit_jax.config import ModelConfig
+
+LN_EPS = 1e-6  # as vit_jax.model.LN_EPS (PyTorch's default is 1e-5)
+
+
+def gelu(x):
+    return F.gelu(x, approximate="none")  # exact erf form, as vit_jax.model.gelu
+
+
+def trunc_normal_(tensor, std: float):
+    # Cut at 2 standard deviations, as Flax's truncated_normal (timm's a=-2, b=2 are absolute).
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch, rescaling the kept ones by 1/keep."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+
+class PatchEmbed(nn.Module):
+    """Twin of vit_jax.model.PatchEmbed: (B, 3, H, W) -> (B, N, D)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        p = config.patch_size
+        self.proj = nn.Conv2d(3, config.embed_dim, kernel_size=p, stride=p)
+        # Flax's default conv init, so a random twin starts from the same distribution: LeCun normal
+        # truncated at 2 std, rescaled by 0.8796 (the std of a standard normal cut at +-2).
+        fan_in = 3 * p * p
+        trunc_normal_(self.proj.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+
+
+class Attention(nn.Module):
+    """Twin of vit_jax.model.Attention: one fused qkv projection, channels ordered (q|k|v) x heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_heads
+        self.qkv = nn.Linear(c.embed_dim, 3 * c.embed_dim)
+        self.proj = nn.Linear(c.embed_dim, c.embed_dim)
+        self.proj_drop = nn.Dropout(c.drop_rate)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, H, D // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+        q = q * (D // H) ** -0.5  # scaled before the product, as the Flax side
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, D)  # (B, N, H, hd) -> (B, N, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """Twin of vit_jax.model.Mlp."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        hidden = int(c.embed_dim * c.mlp_ratio)
+        self.fc1 = nn.Linear(c.embed_dim, hidden)
+        self.drop1 = nn.Dropout(c.drop_rate)
+        self.fc2 = nn.Linear(hidden, c.embed_dim)
+        self.drop2 = nn.Dropout(c.drop_rate)
+
+    def forward(self, x):
+        x = self.drop1(gelu(self.fc1(x)))
+        return self.drop2(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Twin of vit_jax.model.Block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, config: ModelConfig, drop_path: float = 0.0):
+        super().__init__()
+        c = config
+        self.norm1 = nn.LayerNorm(c.embed_dim, eps=LN_EPS)
+        self.attn = Attention(c)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(c.embed_dim, eps=LN_EPS)
+        self.mlp = Mlp(c)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """Twin of vit_jax.model.VisionTransformer. Input: float images (B, 3, H, W), normalized.
+
+    Built as timm's is, `VisionTransformer(img_size=224, patch_size=16, num_classes=10, embed_dim=384,
+    depth=6, num_heads=6)`, or from the same config object as the Flax model: `from_config(PRESETS[p])`.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 10,
+                 embed_dim: int = 384, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        c = self.config = ModelConfig(img_size, patch_size, num_classes, embed_dim, depth, num_heads,
+                                      mlp_ratio, drop_rate, drop_path_rate).validate()
+        self.patch_embed = PatchEmbed(c)
+        self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, c.embed_dim), std=0.02))
+        self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, c.num_patches + 1, c.embed_dim), std=0.02))
+        self.pos_drop = nn.Dropout(c.drop_rate)
+        rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
+        self.blocks = nn.ModuleList([Block(c, drop_path=r) for r in rates])
+        self.norm = nn.LayerNorm(c.embed_dim, eps=LN_EPS)
+        self.head = nn.Linear(c.embed_dim, c.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # timm's init, and the Flax side's dense_init
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "VisionTransformer":
+        """The twin of `vit_jax.model.VisionTransformer(config)`. It computes in float32 whatever
+        `config.dtype` says: that field sets the Flax side's compute dtype only."""
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "dtype"}
+        return cls(**fields)
+
+    def forward_features(self, x):
+        """Images -> final-norm tokens (B, N+1, D), and the named stages along the way."""
+        stages = {}
+        x = self.patch_embed(x)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
+        x = stages["embed"] = self.pos_drop(x)
+        for i, block in enumerate(self.blocks):
+            x = stages[f"block{i:02d}"] = block(x)
+        x = stages["norm"] = self.norm(x)
+        return x, stages
+
+    def forward_head(self, x):
+        """Final-norm tokens -> class logits, from the class token."""
+        return self.head(x[:, 0])
+
+    def forward(self, x, return_stages: bool = False):
+        x, stages = self.forward_features(x)
+        logits = stages["logits"] = self.forward_head(x)
+        return (logits, stages) if return_stages else logits

@@ -1,0 +1,254 @@
+"""The commands of parity: export (and the tutorial's loading lines), --init_from, compare's verdict
+and exit status, bench; and vit_jax's independence from torch."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import torch
+
+from parity import bench, compare, export, port
+from parity.model import VisionTransformer
+from vit_jax import config as config_lib
+from vit_jax import augment, evaluate, step, train
+from vit_jax.checkpoint import Checkpoints
+from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.errors import UserError
+from vit_jax.model import init_params
+
+torch.set_num_threads(1)  # tiny models; on a busy CPU torch's threads wait on each other
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = PRESETS["test"]
+
+
+def _random_params(preset: str, seed: int = 0):
+    """Random weights of init's scale, without tracing an init (quick even for `seed`)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_params(PRESETS[preset], jax.random.key(0)))
+    return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+def _workdir(path: str, preset: str, params, epoch: int = 3, test_acc: float = 41.5) -> str:
+    """A workdir as vit_jax.train leaves it: config.json and a best checkpoint."""
+    cfg = TrainConfig(preset=preset, workdir=path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_lib.to_dict(cfg, PRESETS[preset]), f)
+    ckpts = Checkpoints(path)
+    ckpts.save_best(params, {"epoch": epoch, "test_acc": test_acc, "config": config_lib.to_dict(cfg, PRESETS[preset])})
+    ckpts.wait()
+    ckpts.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_workdir(tmp_path_factory):
+    params = _random_params("test")
+    return _workdir(str(tmp_path_factory.mktemp("run") / "w"), "test", params), params
+
+
+# export ------------------------------------------------------------------------------------------
+
+
+def test_export_loads_with_the_tutorials_own_lines(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _random_params("seed")
+    _workdir("checkpoints", "seed", params, epoch=7, test_acc=63.25)
+    export.main(["--workdir", "checkpoints"])
+    assert "best_model.pth" in os.listdir("checkpoints")
+    assert not [f for f in os.listdir("checkpoints") if f.endswith(".tmp")]
+
+    # The PyTorch tutorial's lines, exactly as written (torch.load defaults to weights_only=True).
+    model = VisionTransformer(img_size=224, patch_size=16, num_classes=10, embed_dim=384, depth=6, num_heads=6)
+    model.load_state_dict(torch.load('checkpoints/best_model.pth')['model_state_dict'])
+
+    np.testing.assert_array_equal(model.head.weight.detach().numpy(), params["head"]["kernel"].T)
+    np.testing.assert_array_equal(model.blocks[5].mlp.fc2.bias.detach().numpy(),
+                                  params["blocks_5"]["mlp"]["fc2"]["bias"])
+    ckpt = torch.load("checkpoints/best_model.pth", weights_only=True)
+    assert set(ckpt) == {"model_state_dict", "epoch", "test_acc", "config"}
+    assert ckpt["epoch"] == 7 and ckpt["test_acc"] == 63.25
+    assert config_lib.ModelConfig(**ckpt["config"]) == PRESETS["seed"]
+
+
+def test_export_to_another_path(test_workdir, tmp_path, capsys):
+    workdir, params = test_workdir
+    out = str(tmp_path / "sub" / "ViT.pth")
+    export.main(["--workdir", workdir, "--out", out])
+    assert f"Wrote {out}: epoch 3, test acc 41.50%, 32 tensors, 24,234 parameters" in capsys.readouterr().out
+    back = port.torch_to_flax(torch.load(out, weights_only=True)["model_state_dict"], CFG)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_export_of_a_workdir_without_a_run_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        export.main(["--workdir", str(tmp_path)])
+    assert e.value.code == 2 and "has no config.json" in capsys.readouterr().err
+
+
+# --init_from -------------------------------------------------------------------------------------
+
+
+def _torch_model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer.from_config(cfg)
+
+
+def test_init_from_a_bare_state_dict_and_from_the_tutorials_format(tmp_path):
+    model = _torch_model()
+    bare = str(tmp_path / "bare.pth")
+    torch.save(model.state_dict(), bare)
+    expected = port.torch_to_flax(model.state_dict(), CFG)
+    jax.tree.map(np.testing.assert_array_equal, port.load_torch_checkpoint(bare, CFG), expected)
+
+    # The tutorial's save, from a DataParallel model ('module.' keys), with the optimizer's state.
+    optimizer = torch.optim.AdamW(model.parameters())
+    tutorial = str(tmp_path / "best_model.pth")
+    torch.save({"epoch": 4, "model_state_dict": torch.nn.DataParallel(model).state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(), "test_acc": 55.0}, tutorial)
+    params = train.initial_params(TrainConfig(preset="test", init_from=tutorial), CFG)
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    state = step.create_train_state(CFG, TrainConfig(preset="test"), 10, params)  # trains from them
+    assert jax.tree.structure(state.params) == jax.tree.structure(
+        jax.eval_shape(lambda: init_params(CFG, jax.random.key(0))))
+
+
+def test_training_starts_from_the_pytorch_weights(tmp_path):
+    model = _torch_model(seed=3)
+    path = str(tmp_path / "start.pth")
+    torch.save(model.state_dict(), path)
+    workdir = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=32):
+        train.main(["--preset", "test", "--epochs", "1", "--batch_size", "16", "--workdir", workdir,
+                    "--init_from", path])
+    _, params, _ = evaluate.load_best(workdir)
+    start = port.torch_to_flax(model.state_dict(), CFG)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start)))
+    assert 0 < moved <= 4 * 3e-4  # two AdamW steps from the checkpoint, not from a random init
+
+
+def test_a_checkpoint_of_another_model_names_the_differences(tmp_path, capsys):
+    path = str(tmp_path / "deeper.pth")
+    torch.save({"model_state_dict": _torch_model(dataclasses.replace(CFG, depth=3, num_classes=100)).state_dict()},
+               path)
+    with pytest.raises(UserError) as e:
+        port.load_torch_checkpoint(path, CFG)
+    message = str(e.value)
+    assert "does not fit the chosen model" in message and "choose the --preset" in message
+    assert "unexpected 'blocks.2.norm1.weight'" in message
+    assert "'head.weight' has shape (100, 32), the model needs (10, 32)" in message
+
+    with tfds.testing.mock_data(num_examples=16), pytest.raises(SystemExit) as exit_:
+        train.main(["--preset", "test", "--epochs", "1", "--workdir", str(tmp_path / "run"), "--init_from", path])
+    assert exit_.value.code == 2 and "unexpected 'blocks.2.norm1.weight'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"epoch,loss\n1,2.3\n", "is not a PyTorch checkpoint"),
+    (None, "no checkpoint at"),
+    ("pickled object", "is not a PyTorch checkpoint that can be loaded safely"),
+    ("tensor", "holds neither a state_dict nor a dict with 'model_state_dict'"),
+])
+def test_what_is_not_a_checkpoint_says_so(tmp_path, content, message):
+    path = str(tmp_path / "x.pth")
+    if content == "pickled object":
+        torch.save({"model": TrainConfig()}, path)  # not loadable with weights_only=True
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content is not None:
+        with open(path, "wb") as f:
+            f.write(content)
+    with pytest.raises(UserError, match=message):
+        port.load_torch_checkpoint(path, CFG)
+
+
+def test_vit_jax_does_not_import_torch():
+    code = "import sys, vit_jax.train, vit_jax.evaluate, vit_jax.bench; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+
+
+# compare -----------------------------------------------------------------------------------------
+
+
+def _compare(args, tmp_path, num_examples=16):
+    out = str(tmp_path / "compare.json")
+    with tfds.testing.mock_data(num_examples=num_examples):
+        code = compare.main(["--num_images", str(num_examples), "--batch_size", "8", "--json", out, *args])
+    with open(out) as f:
+        return code, json.load(f)
+
+
+def test_compare_random_init_agrees(tmp_path, capsys):
+    code, r = _compare([], tmp_path)
+    out = capsys.readouterr().out
+    assert code == 0 and r["passed"]
+    assert "random init of preset 'test'" in out and "no checkpoint given" in out and "PASS" in out
+    assert set(r) >= {"max_abs_logits_diff", "argmax_agreement", "jax_accuracy", "torch_accuracy", "stages",
+                      "tolerance", "passed"}
+    assert list(r["stages"]) == ["embed", "block00", "block01", "norm", "logits"]
+    assert r["tolerance"] == 1e-5 and r["max_abs_logits_diff"] <= 1e-5 and r["argmax_agreement"] == 100.0
+    assert r["first_divergent_stage"] is None
+    assert r["jax_accuracy"] == r["torch_accuracy"] and r["num_images"] == 16
+
+
+@pytest.mark.parametrize("key, stage, before", [
+    ("blocks.1.mlp.fc1.weight", "block01", "block00"),
+    ("head.bias", "logits", "norm"),
+])
+def test_compare_fails_and_names_the_stage_when_one_weight_is_perturbed(key, stage, before, tmp_path, capsys):
+    code, r = _compare(["--perturb", key], tmp_path)
+    out = capsys.readouterr().out
+    assert code == 1 and not r["passed"]
+    assert r["first_divergent_stage"] == stage and f"FAIL (first divergent stage: {stage})" in out
+    assert r["stages"][before]["max_abs_diff"] <= 1e-5 < r["stages"][stage]["max_abs_diff"]
+
+
+def test_compare_a_workdir_and_an_exported_checkpoint_with_training(test_workdir, tmp_path, capsys):
+    workdir, _ = test_workdir
+    code, r = _compare(["--workdir", workdir, "--train_steps", "4", "--steps_per_epoch", "2"], tmp_path)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"best checkpoint of {workdir} (epoch 3)" in out and "loss torch" in out
+    t = r["train"]
+    assert len(t["losses"]) == 4 and t["passed"] and t["grad_rel_diff"] <= 1e-5
+    assert t["param_drift"] <= compare.TRAIN_TOLERANCE and t["max_abs_param_diff"] > 0
+
+    pth = export.export(workdir, str(tmp_path / "w.pth"))
+    code, r = _compare(["--checkpoint", pth], tmp_path)
+    assert code == 0 and r["source"] == f"PyTorch checkpoint {pth}"
+
+
+def test_compare_refuses_a_checkpoint_of_another_preset(tmp_path, capsys):
+    path = str(tmp_path / "bare.pth")
+    torch.save(_torch_model().state_dict(), path)
+    with pytest.raises(SystemExit):
+        compare.main(["--checkpoint", path, "--preset", "cifar"])
+    err = capsys.readouterr().err
+    assert "does not fit preset cifar" in err and "pass the --preset it was trained with" in err
+
+
+# bench -------------------------------------------------------------------------------------------
+
+
+def test_bench_prints_both_and_their_ratio(capsys):
+    r = bench.main(["--preset", "test", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--no-compile"])
+    out = capsys.readouterr().out
+    assert r["jax"]["images_per_sec"] > 0 and r["torch_eager"]["images_per_sec"] > 0
+    assert "x JAX" in out and "n/a: --no-compile" in out
+
+
+def test_torch_augment_matches_the_jax_preprocessing_without_the_random_part():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    torch_x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    jax_x = augment.resize(images, 64)
+    np.testing.assert_allclose(torch_x.permute(0, 2, 3, 1).numpy(), jax_x, atol=1e-6)
+    assert bench.torch_augment(torch.from_numpy(images), 64).shape == (2, 3, 64, 64)
