@@ -193,13 +193,12 @@ class _Run:
         self.train_fn, self.eval_fn = step.jit_steps(
             self.mesh, step.Augment(model_cfg.img_size, cfg.rotation, cfg.color_jitter))
         self.key = jax.random.key(cfg.seed)
-        self.ckpts = Checkpoints(cfg.workdir)
-        self.tb = tensorboard_log.Writer(cfg.workdir, enabled=cfg.tensorboard)
 
         state = step.create_train_state(model_cfg, cfg, self.steps_per_epoch, initial_params(cfg, model_cfg))
         self.state = self.mesh.replicate(state)
         self.metrics = self.mesh.replicate(step.zero_metrics())
         self.meta = {"epochs_done": 0, "best_acc": -1.0, "best_epoch": 0, "seconds_in_epoch": 0.0}
+        self.ckpts = Checkpoints(cfg.workdir)
         try:
             restored = self.ckpts.restore_latest(self.state, self.metrics)
         except BaseException:
@@ -208,6 +207,7 @@ class _Run:
         self.resumed = restored is not None
         if self.resumed:
             self.state, self.metrics, self.meta = restored
+        self.tb = tensorboard_log.Writer(cfg.workdir, enabled=cfg.tensorboard)
         self._cpu_clock = None  # for the one CPU warning: when the first step was done
         self._cpu_warned = False
         self.rows = _read_metrics(cfg.workdir, self.meta["epochs_done"])
