@@ -215,3 +215,11 @@ def test_cli_prepares(small_cifar, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "60 train and 17 test examples" in run.stdout
     assert "warning: " in run.stderr and "Traceback" not in run.stderr
+
+
+def test_damaged_prepared_data_says_to_prepare_again(tmp_path):
+    version_dir = tmp_path / "cifar10" / "3.0.2"
+    version_dir.mkdir(parents=True)
+    (version_dir / "dataset_info.json").write_text("not json")
+    with pytest.raises(UserError, match="cannot be read .*delete that folder and prepare it again"):
+        data.load_split("test", str(tmp_path))
