@@ -119,7 +119,15 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, prepared_cifar):
     (["--epoch", "3"], "unrecognized arguments"),
     (["--batch_size", "ten"], "invalid int value"),
 ])
-def test_bad_settings_fail_at_once_with_one_clear_message(args, message):
-    run = _cli("vit_jax.train", *args)
-    assert run.returncode == 2
-    assert message in run.stderr and "Traceback" not in run.stderr
+def test_bad_settings_fail_at_once_with_one_clear_message(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_setting_is_one_line_and_no_traceback_from_the_process():
+    run = _cli("vit_jax.train", "--embed_dim", "100")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: embed_dim 100 is not divisible by num_heads 6: each head takes embed_dim / num_heads channels"]
