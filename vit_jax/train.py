@@ -313,7 +313,7 @@ class _Run:
             self._cpu_clock = time.time()
             return
         per_step = (time.time() - self._cpu_clock) / 3
-        hint = "" if self.model_cfg.img_size <= 32 else "; --preset cifar (native 32x32 input) trains ~9x faster per image"
+        hint = "" if self.model_cfg.img_size <= 32 else "; --preset cifar (native 32x32 input) trains ~8x faster per image"
         print(f"warning: no accelerator found, running on the CPU at ~{per_step:.2f} s/batch, "
               f"~{per_step * self.steps_per_epoch / 60:.0f} min per epoch{hint}", file=sys.stderr, flush=True)
         self._cpu_warned = True
