@@ -314,8 +314,10 @@ class _Run:
             return
         per_step = (time.time() - self._cpu_clock) / 3
         hint = "" if self.model_cfg.img_size <= 32 else "; --preset cifar (native 32x32 input) trains ~8x faster per image"
+        epoch_s = per_step * self.steps_per_epoch
+        eta = f"{epoch_s:.0f} s" if epoch_s < 120 else f"{epoch_s / 60:.0f} min"
         print(f"warning: no accelerator found, running on the CPU at ~{per_step:.2f} s/batch, "
-              f"~{per_step * self.steps_per_epoch / 60:.0f} min per epoch{hint}", file=sys.stderr, flush=True)
+              f"~{eta} per epoch{hint}", file=sys.stderr, flush=True)
         self._cpu_warned = True
 
 
