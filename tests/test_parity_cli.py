@@ -43,7 +43,6 @@ def _workdir(path: str, preset: str, params, epoch: int = 3, test_acc: float = 4
         json.dump(config_lib.to_dict(cfg, PRESETS[preset]), f)
     ckpts = Checkpoints(path)
     ckpts.save_best(params, {"epoch": epoch, "test_acc": test_acc, "config": config_lib.to_dict(cfg, PRESETS[preset])})
-    ckpts.wait()
     ckpts.close()
     return path
 

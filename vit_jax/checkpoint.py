@@ -150,11 +150,6 @@ class Checkpoints:
         out = self.best.restore(epoch, args=ocp.args.Composite(params=restore, meta=ocp.args.JsonRestore()))
         return out.params, out.meta
 
-    def wait(self):
-        """Blocks until background saves are on disk."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-
     def close(self):
         self.latest.close()
         self.best.close()

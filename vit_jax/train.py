@@ -228,7 +228,6 @@ class _Run:
         except Interrupted:
             sys.exit(EXIT_INTERRUPTED)
         finally:
-            self.ckpts.wait()
             self.ckpts.close()
             self.tb.close()
         if self._patience_exhausted():
@@ -270,7 +269,6 @@ class _Run:
                 if i + 1 < spe and (self.stop or (cfg.save_every and (i + 1) % cfg.save_every == 0)):
                     self._save_latest(t0)
                     if self.stop:
-                        self.ckpts.wait()
                         print(f"Saved at epoch {epoch + 1}, batch {i + 1}/{spe}. "
                               f"Run the same command again to resume.")
                         raise Interrupted
@@ -300,7 +298,6 @@ class _Run:
         self.meta.update(epochs_done=epoch + 1, seconds_in_epoch=0.0)
         self.ckpts.save_latest(self.state, self.metrics, self.meta)
         if self.stop:
-            self.ckpts.wait()
             print(f"Saved after epoch {epoch + 1}. Run the same command again to resume.")
             raise Interrupted
 
