@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax.config import PRESETS, ModelConfig
+from vit_jax.config import PRESETS
 from vit_jax.errors import UserError
 from vit_jax.model import VisionTransformer, count_params, init_params
 

@@ -37,8 +37,11 @@ def _files(step_dir: str) -> dict[str, tuple[int, str]]:
         for name in names:
             path = os.path.join(root, name)
             if not name.startswith(MANIFEST):
+                digest = hashlib.sha256()
                 with open(path, "rb") as f:
-                    out[os.path.relpath(path, step_dir)] = (os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest())
+                    while block := f.read(1 << 20):  # hashlib.file_digest needs Python 3.11
+                        digest.update(block)
+                out[os.path.relpath(path, step_dir)] = (os.path.getsize(path), digest.hexdigest())
     return out
 
 
