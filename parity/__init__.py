@@ -3,8 +3,9 @@
     model.py    the ViT in PyTorch, class by class and stage by stage as `vit_jax/model.py`
     port.py     Flax params <-> PyTorch state_dict, from one table of correspondences
     export.py   `python -m parity.export`: a workdir's best model as a PyTorch checkpoint (.pth)
+    convert.py  `python -m parity.convert`: a .pth as the .npz of Flax parameters that --init_from reads
     compare.py  `python -m parity.compare`: logits, stages and training of both, side by side
     bench.py    `python -m parity.bench`: the two train steps' speed on the same device
 
-`parity` imports `vit_jax`; `vit_jax` never imports `parity` or torch at module level.
+`parity` imports `vit_jax`; `vit_jax` never imports `parity` or torch, anywhere.
 """

@@ -1,6 +1,6 @@
 """`python -m parity.compare`: proof that the Flax ViT and its PyTorch twin compute the same thing.
 
-    python -m parity.compare [--workdir DIR | --checkpoint PATH] [--preset P] [--data_dir DIR]
+    python -m parity.compare [--workdir DIR | --checkpoint PATH] [--preset P] [--data_dir DIR | --archive PATH]
                              [--num_images N] [--json PATH] [--train_steps N]
 
 The JAX model comes from a workdir's best checkpoint, a PyTorch checkpoint (.pth, which the twin
@@ -17,7 +17,6 @@ the argmax agreement are percentages, in the table and in --json.
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 import jax
@@ -32,8 +31,8 @@ from parity.port import flax_to_torch, read_torch_checkpoint, torch_to_flax
 from vit_jax import augment, data, step
 from vit_jax.config import PRESETS, ModelConfig, TrainConfig
 from vit_jax.errors import UserError, cli
-from vit_jax.evaluate import load_best, load_run
 from vit_jax.model import VisionTransformer as FlaxViT, init_params
+from vit_jax.workdir import atomic_open, load_best
 
 # Max |logits difference| allowed, by preset. float32 sums in another order differ by ~1e-7 relative
 # per operation; the 224-pixel seed model has 12x the tokens and 12x the width of `test` to sum over.
@@ -60,9 +59,9 @@ def restore(a) -> tuple[ModelConfig, dict, dict | None, str, TrainConfig]:
     if a.workdir and a.checkpoint:
         raise UserError("give --workdir or --checkpoint, not both")
     if a.workdir:
-        cfg, _ = load_run(a.workdir)
-        model_cfg, params, meta = load_best(a.workdir)
-        return model_cfg, jax.device_get(params), None, f"best checkpoint of {a.workdir} (epoch {meta['epoch']})", cfg
+        run = load_best(a.workdir)
+        return (run.model_cfg, jax.device_get(run.params), None,
+                f"best checkpoint of {a.workdir} (epoch {run.meta['epoch']})", run.cfg)
     cfg = TrainConfig(preset=a.preset)
     if a.checkpoint:
         state_dict, rest = read_torch_checkpoint(a.checkpoint)
@@ -95,12 +94,12 @@ def nchw(x) -> torch.Tensor:
 
 def forward_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, images, labels, batch_size: int,
                    tolerance: float) -> dict:
-    """Both models on the same preprocessed images; per-stage differences, argmaxes and accuracies."""
-    apply = jax.jit(lambda p, x: FlaxViT(model_cfg).apply({"params": p}, x, return_stages=True))
+    """Both models on the same images, each through its own inference (`step.infer` on the JAX side,
+    the twin on the same preprocessing); per-stage differences, argmaxes and accuracies."""
     stats, argmax_j, argmax_t = {}, [], []
     for i in range(0, len(images), batch_size):
+        stages_j = jax.device_get(step.infer_jit(model_cfg, flax_params, images[i:i + batch_size], stages=True)["stages"])
         x = augment.preprocess(images[i:i + batch_size], model_cfg.img_size)  # (B, S, S, 3)
-        _, stages_j = jax.device_get(apply(flax_params, x))
         with torch.no_grad():
             _, stages_t = model(nchw(x), return_stages=True)
         for name, st in stages_t.items():  # in model order (jax returns dicts sorted by key)
@@ -148,6 +147,42 @@ def _global_norm(tensors) -> float:
     return float(np.sqrt(sum(np.sum(np.square(t, dtype=np.float64)) for t in tensors)))
 
 
+def _jax_side(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int):
+    """optax's AdamW and schedule, and a jitted step (params, opt_state, x, y) -> (params, opt_state, loss, grads)."""
+    tx = step.make_optimizer(cfg, steps_per_epoch)
+    apply = FlaxViT(model_cfg).apply
+
+    @jax.jit
+    def update(params, opt_state, x, y):
+        def loss_fn(p):
+            return optax.softmax_cross_entropy_with_integer_labels(apply({"params": p}, x), y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    return tx, step.make_schedule(cfg, steps_per_epoch), update
+
+
+def _drift(start_params, final_params, model: TorchViT, model_cfg: ModelConfig) -> dict:
+    """How far the two sides' parameters parted, against how far training moved them (key biases apart)."""
+    start, final_t = flax_to_torch(start_params, model_cfg), model.state_dict()
+    apart_sq = moved_sq = key_bias = 0.0
+    max_diff = {}
+    for name, final_j in flax_to_torch(final_params, model_cfg).items():
+        diff, moved = (final_j - final_t[name]).abs(), final_j - start[name]
+        if name.endswith("attn.qkv.bias"):  # (3 D,): q | k | v
+            k = slice(model_cfg.embed_dim, 2 * model_cfg.embed_dim)
+            key_bias = max(key_bias, float(diff[k].max()))
+            diff[k], moved[k] = 0.0, 0.0
+        max_diff[name] = float(diff.max())
+        apart_sq += float(diff.double().square().sum())
+        moved_sq += float(moved.double().square().sum())
+    worst = max(max_diff, key=max_diff.get)
+    return {"max_abs_param_diff": max_diff[worst], "max_param_diff_key": worst, "max_abs_key_bias_diff": key_bias,
+            "param_drift": (apart_sq / moved_sq) ** 0.5}
+
+
 def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: TrainConfig, images, labels,
                  steps: int, batch_size: int, steps_per_epoch: int) -> dict:
     """Trains both sides from the same weights on the same batches; loss curves and differences.
@@ -160,19 +195,7 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
     Hence the verdict is on the parameters' drift apart in norm, relative to how far they moved, with
     the key biases reported apart; a mismatched optimizer or schedule shifts every element.
     """
-    tx = step.make_optimizer(cfg, steps_per_epoch)
-    schedule = step.make_schedule(cfg, steps_per_epoch)
-    apply = FlaxViT(model_cfg).apply
-
-    @jax.jit
-    def jax_step(params, opt_state, x, y):
-        def loss_fn(p):
-            return optax.softmax_cross_entropy_with_integer_labels(apply({"params": p}, x), y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads
-
+    tx, schedule, jax_update = _jax_side(model_cfg, cfg, steps_per_epoch)
     optimizer = _torch_optimizer(model, cfg)
     # PyTorch's CosineAnnealingLR(T_max=epochs), stepped once per epoch: what epoch_cosine mirrors.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -182,9 +205,8 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
     for i in range(steps):
         idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(images)  # cycles a short split
         x, y = np.asarray(augment.preprocess(images[idx], model_cfg.img_size)), labels[idx]
-        lr_jax = float(schedule(i))
-        params, opt_state, loss_j, grads_j = jax_step(params, opt_state, x, y)
-        lr_torch = optimizer.param_groups[0]["lr"]
+        lr_jax, lr_torch = float(schedule(i)), optimizer.param_groups[0]["lr"]
+        params, opt_state, loss_j, grads_j = jax_update(params, opt_state, x, y)
         optimizer.zero_grad()
         loss_t = F.cross_entropy(model(nchw(x)), torch.from_numpy(y.astype(np.int64)))
         loss_t.backward()
@@ -197,32 +219,16 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
             scheduler.step()
         rows.append({"step": i + 1, "lr_jax": lr_jax, "lr_torch": lr_torch,
                      "jax_loss": float(loss_j), "torch_loss": loss_t.item()})
-    # How far the two sides' parameters parted, against how far training moved them (key biases apart).
-    start, final_t = flax_to_torch(flax_params, model_cfg), model.state_dict()
-    apart_sq = moved_sq = key_bias = 0.0
-    max_diff = {}
-    for name, final_j in flax_to_torch(params, model_cfg).items():
-        diff, moved = (final_j - final_t[name]).abs(), final_j - start[name]
-        if name.endswith("attn.qkv.bias"):  # (3 D,): q | k | v
-            k = slice(model_cfg.embed_dim, 2 * model_cfg.embed_dim)
-            key_bias = max(key_bias, float(diff[k].max()))
-            diff[k], moved[k] = 0.0, 0.0
-        max_diff[name] = float(diff.max())
-        apart_sq += float(diff.double().square().sum())
-        moved_sq += float(moved.double().square().sum())
-    drift = (apart_sq / moved_sq) ** 0.5
-    worst = max(max_diff, key=max_diff.get)
+    drift = _drift(flax_params, params, model, model_cfg)
     lr_diff = max(abs(r["lr_jax"] - r["lr_torch"]) for r in rows) / cfg.lr
     return {
         "steps": steps, "batch_size": batch_size, "num_images": len(images), "steps_per_epoch": steps_per_epoch,
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "losses": rows,
+        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "losses": rows,
         "max_abs_loss_diff": max(abs(r["jax_loss"] - r["torch_loss"]) for r in rows),
         "max_lr_diff_over_peak": lr_diff, "lr_tolerance": LR_TOLERANCE,
         "grad_rel_diff": grad_rel, "grad_tolerance": GRAD_TOLERANCE,
-        "max_abs_param_diff": max_diff[worst], "max_param_diff_key": worst, "max_abs_key_bias_diff": key_bias,
-        "param_drift": drift, "tolerance": TRAIN_TOLERANCE,
-        "passed": bool(grad_rel <= GRAD_TOLERANCE and lr_diff <= LR_TOLERANCE and drift <= TRAIN_TOLERANCE),
+        **drift, "tolerance": TRAIN_TOLERANCE,
+        "passed": bool(grad_rel <= GRAD_TOLERANCE and lr_diff <= LR_TOLERANCE and drift["param_drift"] <= TRAIN_TOLERANCE),
     }
 
 
@@ -265,7 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=list(PRESETS), default="test",
                         help="the architecture of a random init, or of a .pth without a saved config")
     parser.add_argument("--seed", type=int, default=0, help="random init's seed (no checkpoint)")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory holding cifar10")
+    data.add_source_arguments(parser)
     parser.add_argument("--num_images", type=int, default=256, help="the first N test images")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=None,
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
             noise = torch.randn(weights[a.perturb].shape, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 weights[a.perturb].add_(PERTURBATION * noise)
-        images, labels = data.load_split("test", a.data_dir, a.num_images)
+        images, labels = data.load_split("test", limit=a.num_images, **data.source(a, cfg))
         print(f"JAX: {source}; model {preset or 'custom'} ({model_cfg.img_size}px, patch {model_cfg.patch_size}, "
               f"embed {model_cfg.embed_dim}, depth {model_cfg.depth})")
         print(f"PyTorch twin: the same weights{f', with {a.perturb} perturbed' if a.perturb else ''}; "
@@ -321,9 +327,8 @@ def main(argv=None) -> int:
             passed = passed and result["train"]["passed"]
     result["passed"] = bool(passed)
     if a.json:
-        with open(a.json + ".tmp", "w") as f:
+        with atomic_open(a.json) as f:
             json.dump(result, f, indent=2)
-        os.replace(a.json + ".tmp", a.json)
     return 0 if passed else 1
 
 

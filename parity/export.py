@@ -18,24 +18,23 @@ import torch
 
 from parity.port import flax_to_torch
 from vit_jax.errors import UserError, cli
-from vit_jax.evaluate import load_best
+from vit_jax.workdir import EXPORT, atomic_open, load_best
 
 
 def export(workdir: str, out: str | None = None) -> str:
     """Writes the workdir's best parameters as a .pth; returns its path."""
-    model_cfg, params, meta = load_best(workdir)
-    out = out or os.path.join(workdir, "best_model.pth")
+    run = load_best(workdir)
+    out = out or os.path.join(workdir, EXPORT)
     ckpt = {
-        "model_state_dict": flax_to_torch(params, model_cfg),
-        "epoch": int(meta["epoch"]),
-        "test_acc": float(meta["test_acc"]),
-        "config": dataclasses.asdict(model_cfg),  # plain types: weights_only loading accepts them
+        "model_state_dict": flax_to_torch(run.params, run.model_cfg),
+        "epoch": int(run.meta["epoch"]),
+        "test_acc": float(run.meta["test_acc"]),
+        "config": dataclasses.asdict(run.model_cfg),  # plain types: weights_only loading accepts them
     }
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        # Written beside the target and renamed: a killed export never leaves half a file there.
-        torch.save(ckpt, out + ".tmp")
-        os.replace(out + ".tmp", out)
+        with atomic_open(out, "wb") as f:  # a killed export never leaves half a file there
+            torch.save(ckpt, f)
     except OSError as e:
         raise UserError(f"cannot write {out!r} ({e.strerror}): choose another --out")
     return out

@@ -129,8 +129,9 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 384, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         super().__init__()
-        c = self.config = ModelConfig(img_size, patch_size, num_classes, embed_dim, depth, num_heads,
-                                      mlp_ratio, drop_rate, drop_path_rate).validate()
+        c = self.config = ModelConfig(
+            img_size=img_size, patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate).validate()
         self.patch_embed = PatchEmbed(c)
         self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, c.embed_dim), std=0.02))
         self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, c.num_patches + 1, c.embed_dim), std=0.02))

@@ -16,8 +16,8 @@ import torch
 from flax import traverse_util
 
 from vit_jax.config import ModelConfig
-from vit_jax.errors import UserError
-from vit_jax.model import init_params
+from vit_jax.errors import UserError, reason
+from vit_jax.weights import check_fits, shapes as flax_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +79,6 @@ def table(config: ModelConfig) -> list[Row]:
     return [Row(*row) for row in STEM + blocks + HEAD]
 
 
-def flax_shapes(config: ModelConfig) -> dict[str, tuple]:
-    """The Flax model's own parameter shapes (traced, nothing computed)."""
-    tree = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
 def _permute(shape: tuple, perm) -> tuple:
     return shape if perm is None else tuple(shape[i] for i in perm)
 
@@ -92,12 +86,7 @@ def _permute(shape: tuple, perm) -> tuple:
 def _move(rows: list[Row], source: dict, expected: dict[str, tuple], to_torch: bool, what: str):
     """The strict loop. `source` must hold exactly the expected keys with the expected shapes; each
     destination key is filled once, in table order, with a fresh float32 array."""
-    problems = [f"missing {k!r} {shape}" for k, shape in expected.items() if k not in source]
-    problems += [f"unexpected {k!r} {tuple(np.shape(v))}" for k, v in source.items() if k not in expected]
-    problems += [f"{k!r} has shape {tuple(np.shape(source[k]))}, the model needs {shape}"
-                 for k, shape in expected.items() if k in source and tuple(np.shape(source[k])) != shape]
-    if problems:
-        raise UserError(f"{what} do not fit the model ({len(problems)} differences): " + "; ".join(problems))
+    check_fits({k: tuple(np.shape(v)) for k, v in source.items()}, expected, what)
     out = collections.OrderedDict()
     for row in rows:
         src, dst = (row.flax, row.torch) if to_torch else (row.torch, row.flax)
@@ -150,8 +139,7 @@ def read_torch_checkpoint(path: str) -> tuple[dict, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds (unpickling, zip, magic number) for one cause
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path!r} is not a PyTorch checkpoint that can be loaded safely ({reason}): "
+        raise UserError(f"{path!r} is not a PyTorch checkpoint that can be loaded safely ({reason(e)}): "
                         f"give a .pth written by torch.save, holding only tensors and plain values")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_state_dict"), dict):
         state_dict, rest = ckpt["model_state_dict"], {k: v for k, v in ckpt.items() if k != "model_state_dict"}

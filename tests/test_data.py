@@ -1,7 +1,9 @@
-"""The CIFAR-10 pipeline: offline preparation of tfds 'cifar10', loading, batching, and the command line."""
+"""The CIFAR-10 pipeline: both sources (tfds, the archive with numpy), offline preparation of tfds
+'cifar10', batching, and the command line."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -11,78 +13,83 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax import data
+from vit_jax import archive, data, prepare, tfds_data
 from vit_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tfds_order(data_dir, split):
-    """The file-order index of each example, in the order tfds yields them (it reorders by key hash)."""
-    ds = tfds.load("cifar10", split=split, data_dir=data_dir)
-    return np.array([int(ex["id"].decode().split("_")[1]) for ex in tfds.as_numpy(ds)])
-
-
-def _assert_same_data(data_dir, written):
+def _assert_same_data(written, **source):
+    """Both splits, read from `source` (data_dir= or archive=), are the written arrays in file order."""
     for split in ("train", "test"):
-        images, labels = data.load_split(split, data_dir=data_dir)
+        images, labels = data.load_split(split, **source)
         want_images, want_labels = written[split]
-        assert images.dtype == np.uint8 and images.shape == want_images.shape
-        assert labels.dtype == np.int32 and labels.shape == want_labels.shape
-        order = _tfds_order(data_dir, split)
-        assert sorted(order) == list(range(len(want_labels)))  # every written example, once
-        np.testing.assert_array_equal(images, want_images[order])
-        np.testing.assert_array_equal(labels, want_labels[order])
+        assert images.dtype == np.uint8 and labels.dtype == np.int32
+        np.testing.assert_array_equal(images, want_images)
+        np.testing.assert_array_equal(labels, want_labels)
 
 
 @pytest.fixture(scope="module")
 def prepared(small_cifar, tmp_path_factory):
     """tfds data_dir prepared from the small archive."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    assert data.prepare(small_cifar["archive"], data_dir, allow_checksum_mismatch=True) == data_dir
+    assert prepare.prepare(small_cifar["archive"], data_dir, allow_checksum_mismatch=True) == data_dir
     return data_dir
 
 
 def test_checksum_is_tfds_registered_official_one():
-    url, info = data._official()
+    url, info = tfds_data.official_url_info()
     assert url == "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-    assert info.checksum == "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
-    assert int(info.size) == 170052171 and info.filename == "cifar-10-binary.tar.gz"
+    assert info.checksum == archive.OFFICIAL_SHA256
+    assert int(info.size) == archive.OFFICIAL_SIZE and info.filename == "cifar-10-binary.tar.gz"
+
+
+def test_both_sources_give_the_same_images_and_labels(small_cifar, prepared):
+    _assert_same_data(small_cifar, data_dir=prepared)
+    _assert_same_data(small_cifar, archive=small_cifar["archive"])
+    _assert_same_data(small_cifar, archive=small_cifar["folder"])
+    for split in ("train", "test"):  # as sets too, whatever the order
+        a = data.load_split(split, data_dir=prepared)
+        b = data.load_split(split, archive=small_cifar["archive"])
+        assert sorted(zip(map(bytes, a[0]), a[1])) == sorted(zip(map(bytes, b[0]), b[1]))
+    x, y = data.load_split("train", archive=small_cifar["archive"], limit=7)
+    np.testing.assert_array_equal(x, small_cifar["train"][0][:7])
 
 
 def test_prepare_refuses_an_unofficial_archive_without_the_flag(small_cifar, tmp_path):
     with pytest.raises(UserError, match="--allow_checksum_mismatch") as e:
-        data.prepare(small_cifar["archive"], str(tmp_path))
+        prepare.prepare(small_cifar["archive"], str(tmp_path))
     assert "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd" in str(e.value)
     assert not (tmp_path / "cifar10").exists()
 
 
 def test_prepare_from_archive_gives_the_written_data(small_cifar, prepared, capsys):
-    _assert_same_data(prepared, small_cifar)
+    _assert_same_data(small_cifar, data_dir=prepared)
     builder = tfds.builder("cifar10", data_dir=prepared)  # the stock dataset, as plain tfds sees it
     assert builder.info.features["label"].names == list(data.CLASS_NAMES)
     assert builder.info.splits["train"].num_examples == 60
-    assert os.listdir(prepared) == ["cifar10"]  # the scratch folder is gone
+    assert os.listdir(prepared) == ["cifar10"]  # the scratch folder and the lock are gone
+    assert os.listdir(os.path.join(prepared, "cifar10")) == [str(builder.version)]
     # Again: nothing to do, and the archive is not even read.
-    assert data.prepare(small_cifar["archive"], prepared) == prepared
+    assert prepare.prepare(small_cifar["archive"], prepared) == prepared
     assert "already prepared" in capsys.readouterr().out
 
 
 def test_prepare_from_folder(small_cifar, tmp_path):
     with pytest.raises(UserError, match="10000 records in each batch file.*--allow_checksum_mismatch"):
-        data.prepare(small_cifar["folder"], str(tmp_path / "refused"))
+        prepare.prepare(small_cifar["folder"], str(tmp_path / "refused"))
     # The folder itself, or the folder that holds it.
     for source in (small_cifar["folder"], os.path.dirname(small_cifar["folder"])):
         data_dir = str(tmp_path / f"tfds_{len(source)}")
-        data.prepare(source, data_dir, allow_checksum_mismatch=True)
-        _assert_same_data(data_dir, small_cifar)
+        prepare.prepare(source, data_dir, allow_checksum_mismatch=True)
+        _assert_same_data(small_cifar, data_dir=data_dir)
 
 
 def test_folder_with_official_sizes_needs_no_flag(tmp_path, monkeypatch, capsys):
     from conftest import write_cifar_archive
     written = write_cifar_archive(str(tmp_path / "src"), 8, 8, seed=1)
-    monkeypatch.setattr(data, "OFFICIAL_RECORDS", 8)  # stands in for the real 10000 per file
-    data.prepare(written["folder"], str(tmp_path / "tfds"))
+    monkeypatch.setattr(archive, "OFFICIAL_RECORDS", 8)  # stands in for the real 10000 per file
+    prepare.prepare(written["folder"], str(tmp_path / "tfds"))
     assert "no checksum" in capsys.readouterr().out
     images, labels = data.load_split("test", str(tmp_path / "tfds"))
     assert sorted(map(bytes, images)) == sorted(map(bytes, written["test"][0]))
@@ -92,28 +99,28 @@ def test_wrong_layout(small_cifar, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="lacks data_batch_1.bin.*cifar-10-batches-bin"):
-        data.prepare(str(empty), str(tmp_path / "tfds"))
+        prepare.prepare(str(empty), str(tmp_path / "tfds"))
 
     not_tar = tmp_path / "cifar-10-binary.tar.gz"
     not_tar.write_bytes(b"not an archive")
     with pytest.raises(UserError, match="not a readable .tar.gz.*expected cifar-10-binary.tar.gz"):
-        data.prepare(str(not_tar), str(tmp_path / "tfds"), allow_checksum_mismatch=True)
+        prepare.prepare(str(not_tar), str(tmp_path / "tfds"), allow_checksum_mismatch=True)
 
     torn = tmp_path / "torn"
     shutil.copytree(small_cifar["folder"], torn)
     with open(torn / "test_batch.bin", "ab") as f:
         f.write(b"\0" * 100)
     with pytest.raises(UserError, match="test_batch.bin has .* bytes, not a whole number of 3073-byte records"):
-        data.prepare(str(torn), str(tmp_path / "tfds"), allow_checksum_mismatch=True)
+        prepare.prepare(str(torn), str(tmp_path / "tfds"), allow_checksum_mismatch=True)
 
     partial = tmp_path / "partial.tar.gz"
     with tarfile.open(partial, "w:gz") as tar:
         tar.add(os.path.join(small_cifar["folder"], "data_batch_1.bin"), "cifar-10-batches-bin/data_batch_1.bin")
     with pytest.raises(UserError, match="lacks cifar-10-batches-bin/data_batch_2.bin"):
-        data.prepare(str(partial), str(tmp_path / "tfds"), allow_checksum_mismatch=True)
+        prepare.prepare(str(partial), str(tmp_path / "tfds"), allow_checksum_mismatch=True)
 
     with pytest.raises(UserError, match="does not exist"):
-        data.prepare(str(tmp_path / "nowhere.tar.gz"), str(tmp_path / "tfds"))
+        prepare.prepare(str(tmp_path / "nowhere.tar.gz"), str(tmp_path / "tfds"))
     assert not (tmp_path / "tfds" / "cifar10").exists()
 
 
@@ -139,12 +146,16 @@ def test_load_split_checks_its_arguments(prepared):
     np.testing.assert_array_equal(labels, full_labels[:7])
 
 
-def test_load_split_under_mock_data():
-    with tfds.testing.mock_data(num_examples=9):
-        images, labels = data.load_split("train")
-        assert images.shape == (9, 32, 32, 3) and images.dtype == np.uint8
-        assert labels.shape == (9,) and labels.dtype == np.int32
-        assert data.load_split("test", limit=4)[0].shape == (4, 32, 32, 3)
+def test_a_download_that_fails_says_how_to_prepare(tmp_path, monkeypatch):
+    """With the network reachable (the probe replaced), tfds's own failure becomes the same message."""
+    monkeypatch.setattr(tfds_data, "check_reachable", lambda url: None)
+
+    def fail(self, *args, **kwargs):
+        raise ConnectionError("Failed to fetch https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    with pytest.raises(UserError, match="could not be downloaded \\(Failed to fetch .*train from the archive"):
+        data.load_split("test", data_dir=str(tmp_path))
 
 
 def test_num_batches():
@@ -223,3 +234,34 @@ def test_damaged_prepared_data_says_to_prepare_again(tmp_path):
     (version_dir / "dataset_info.json").write_text("not json")
     with pytest.raises(UserError, match="cannot be read .*delete that folder and prepare it again"):
         data.load_split("test", str(tmp_path))
+
+
+def test_prepare_into_a_file_says_to_give_a_folder(small_cifar):
+    """The hint that `--data_dir ARCHIVE` prints leads here; the archive itself must come to no harm."""
+    before = os.path.getsize(small_cifar["archive"])
+    run = _cli("prepare", "--archive", small_cifar["archive"], "--data_dir", small_cifar["archive"],
+               "--allow_checksum_mismatch")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "is a file, not a folder" in run.stderr and os.path.getsize(small_cifar["archive"]) == before
+
+
+def test_a_killed_prepare_leaves_nothing_that_the_next_one_does_not_remove(tmp_path):
+    from conftest import write_cifar_archive
+    source = write_cifar_archive(str(tmp_path / "src"), 400, 400, seed=2)  # big enough to kill midway
+    data_dir = tmp_path / "tfds"
+    proc = subprocess.Popen([sys.executable, "-m", "vit_jax.data", "prepare", "--archive", source["archive"],
+                             "--data_dir", str(data_dir), "--allow_checksum_mismatch"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((data_dir / "cifar10").glob("incomplete.*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # kill once tfds is writing the dataset: scratch and incomplete folders both exist
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = sorted(os.listdir(data_dir))
+    assert any(n.startswith(prepare.SCRATCH_PREFIX) for n in left), left
+    assert list((data_dir / "cifar10").glob("incomplete.*"))
+
+    prepare.prepare(source["archive"], str(data_dir), allow_checksum_mismatch=True)
+    assert os.listdir(data_dir) == ["cifar10"]
+    assert [p.name for p in (data_dir / "cifar10").iterdir()] == [str(tfds.builder("cifar10").version)]
+    _assert_same_data(source, data_dir=str(data_dir))

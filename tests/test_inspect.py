@@ -1,7 +1,7 @@
 """Looking inside a trained model: attention maps, error analysis, curves, predictions, run summary.
 
-Every command runs on one tiny `test`-preset run trained on mock data (tfds.testing.mock_data), and
-each picture is opened to check its size in pixels.
+Every command runs on one tiny `test`-preset run trained on a small archive (--archive), and each
+picture is opened to check its size in pixels.
 """
 
 import csv
@@ -11,15 +11,13 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from vit_jax import analyze, attention, data, evaluate, plot, predict, summary, train, visualize_attention
 from vit_jax.config import PRESETS, ModelConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
-
-MOCK = 40  # examples per split under mock_data
+from vit_jax.workdir import load_best
 
 
 def _png_size(path):
@@ -41,11 +39,11 @@ def _rows(workdir):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The workdir of a 2-epoch `test`-preset run on mock data."""
+def run(tmp_path_factory, cifar_archive):
+    """The workdir of a 2-epoch `test`-preset run on 40 images of a small archive."""
     workdir = str(tmp_path_factory.mktemp("inspect") / "run")
-    with tfds.testing.mock_data(num_examples=MOCK):
-        train.main(["--preset", "test", "--epochs", "2", "--batch_size", "16", "--workdir", workdir])
+    train.main(["--preset", "test", "--epochs", "2", "--batch_size", "16", "--train_limit", "40",
+                "--archive", cifar_archive, "--workdir", workdir])
     return workdir
 
 
@@ -89,8 +87,7 @@ def test_maps_come_from_the_model_and_are_distributions_on_any_patch_grid(cfg, t
 
 
 def test_visualize_attention_command(run, tmp_path, capsys):
-    with tfds.testing.mock_data(num_examples=MOCK):
-        out = visualize_attention.main(["--workdir", run, "--num_images", "3"])
+    out = visualize_attention.main(["--workdir", run, "--num_images", "3"])
     assert out["path"] == os.path.join(run, "attention.png")
     assert _png_size(out["path"]) == visualize_attention.figure_size(3, PRESETS["test"].num_heads)
     assert (out["rollout"] >= 0).all()
@@ -109,11 +106,10 @@ def test_visualize_attention_command(run, tmp_path, capsys):
 # Error analysis
 
 
-def test_analyze_confusion_matches_the_split_and_evaluate(run):
-    with tfds.testing.mock_data(num_examples=MOCK):
-        result = analyze.main(["--workdir", run])
-        _, labels = data.load_split("test")
-        _, acc = evaluate.main(["--workdir", run])
+def test_analyze_confusion_matches_the_split_and_evaluate(run, cifar_archive):
+    result = analyze.main(["--workdir", run])
+    _, labels = data.load_split("test", archive=cifar_archive)
+    _, acc = evaluate.main(["--workdir", run])
     cm = result["confusion"]
     np.testing.assert_array_equal(cm.sum(axis=1), np.bincount(labels, minlength=10))
     assert 100.0 * np.trace(cm) / len(labels) == pytest.approx(acc, abs=1e-6)
@@ -235,7 +231,7 @@ def test_predict_probabilities_and_a_file_that_is_not_an_image(run, tmp_path, ca
 
     # Batches of any size give the same logits.
     images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), np.uint8)
-    model_cfg, params, _ = evaluate.load_best(run)
+    model_cfg, params = load_best(run)[1:3]
     np.testing.assert_allclose(predict.predict_logits(model_cfg, params, images, batch_size=2),
                                predict.predict_logits(model_cfg, params, images), rtol=1e-5, atol=1e-6)
 

@@ -14,6 +14,7 @@ from parity import compare, port
 from parity.model import DropPath, VisionTransformer as TorchViT, gelu
 from vit_jax import step
 from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError
 from vit_jax.model import VisionTransformer as FlaxViT, count_params, init_params
 
@@ -33,9 +34,9 @@ def random_params():
 def trained_params(random_params):
     """`test` weights after 40 AdamW steps at a high rate, far from their initialization."""
     cfg = TrainConfig(preset="test", lr=3e-3)
-    mesh = step.Mesh.create(32)
+    mesh = DataParallel.create(32)
     state = mesh.replicate(step.create_train_state(CFG, cfg, steps_per_epoch=100, params=random_params))
-    train_fn, _ = step.jit_steps(mesh, step.Augment(CFG.img_size))
+    train_fn = step.jit_train_step(mesh, step.Augment(CFG.img_size))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 32).astype(np.int32)
     images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (32, 32, 32, 3)), 0, 255)
@@ -171,7 +172,7 @@ def test_flax_to_torch_refuses_what_does_not_fit(random_params):
     flat = traverse_util.flatten_dict(random_params, sep="/")
     del flat["blocks_0/mlp/fc1/bias"]
     flat["blocks_0/attn/qkv/kernel"] = np.zeros((32, 95), np.float32)
-    with pytest.raises(UserError, match=r"missing 'blocks_0/mlp/fc1/bias'.*'blocks_0/attn/qkv/kernel' has shape"):
+    with pytest.raises(UserError, match=r"2 differences: 'blocks_0/attn/qkv/kernel' has shape .*; missing 'blocks_0/mlp/fc1/bias'"):
         port.flax_to_torch(traverse_util.unflatten_dict(flat, sep="/"), CFG)
     with pytest.raises(UserError, match="unexpected 'blocks_2/norm1/scale'"):
         port.flax_to_torch({**random_params, "blocks_2": {"norm1": {"scale": np.ones(32)}}}, CFG)

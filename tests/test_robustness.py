@@ -16,16 +16,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vit_jax import train
+from vit_jax import train, workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("seconds", "images_per_sec")
 
 
-def _cmd(data_dir, workdir, *extra):
+def _cmd(archive, workdir, *extra):
     return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--epochs", "3",
             "--batch_size", "16", "--train_limit", "96", "--test_limit", "32", "--log_every", "1",
-            "--save_every", "2", "--data_dir", data_dir, "--workdir", workdir, *extra]
+            "--save_every", "2", "--archive", archive, "--workdir", workdir, *extra]
 
 
 def _run(cmd):
@@ -52,10 +52,10 @@ def _assert_same_params(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(prepared_cifar, tmp_path_factory):
+def straight(cifar_archive, tmp_path_factory):
     """An uninterrupted run to compare against."""
     workdir = str(tmp_path_factory.mktemp("straight") / "run")
-    run = _run(_cmd(prepared_cifar, workdir))
+    run = _run(_cmd(cifar_archive, workdir))
     assert run.returncode == 0, run.stderr
     return workdir
 
@@ -70,15 +70,15 @@ def _is_marker(line: str, marker: str) -> bool:
 
 
 @pytest.mark.faults
-def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(prepared_cifar, tmp_path):
+def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar_archive, tmp_path):
     straight = str(tmp_path / "straight")
-    assert _run(_cmd(prepared_cifar, straight, "--epochs", "6")).returncode == 0
+    assert _run(_cmd(cifar_archive, straight, "--epochs", "6")).returncode == 0
     rng = random.Random(0)
     workdir = str(tmp_path / "killed")
     kills, where = 0, []
     for attempt in range(16):
         marker, delay = rng.choice(MARKERS), rng.uniform(0.0, 0.3)
-        proc = subprocess.Popen(_cmd(prepared_cifar, workdir, "--epochs", "6"), cwd=ROOT, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(_cmd(cifar_archive, workdir, "--epochs", "6"), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         seen = []
         for line in proc.stdout:
@@ -99,7 +99,7 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(prepa
         if kills == 8:
             break
     assert kills >= 6, kills
-    final = _run(_cmd(prepared_cifar, workdir, "--epochs", "6"))
+    final = _run(_cmd(cifar_archive, workdir, "--epochs", "6"))
     assert final.returncode == 0, final.stderr
     assert "damaged checkpoint" not in final.stderr
     assert _metrics(workdir) == _metrics(straight)
@@ -120,38 +120,38 @@ def _damage(workdir, step):
             fh.truncate(max(os.path.getsize(f) // 3, 1))
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared_cifar, straight, tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(cifar_archive, straight, tmp_path):
     workdir = str(tmp_path / "run")
-    assert _run(_cmd(prepared_cifar, workdir, "--epochs", "3")).returncode == 0
+    assert _run(_cmd(cifar_archive, workdir, "--epochs", "3")).returncode == 0
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "latest")) if s.isdigit())
     assert steps == [16, 18]
     _damage(workdir, 18)
-    rerun = _run(_cmd(prepared_cifar, workdir))
+    rerun = _run(_cmd(cifar_archive, workdir))
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipping damaged checkpoint {os.path.abspath(workdir)}/latest/18" in rerun.stderr
     assert "Resuming from" in rerun.stdout and "step 16" in rerun.stdout
     assert _metrics(workdir) == _metrics(straight)
 
 
-def test_no_usable_checkpoint_asks_before_starting_over(prepared_cifar, tmp_path):
+def test_no_usable_checkpoint_asks_before_starting_over(cifar_archive, tmp_path):
     workdir = str(tmp_path / "run")
-    assert _run(_cmd(prepared_cifar, workdir, "--epochs", "1")).returncode == 0
+    assert _run(_cmd(cifar_archive, workdir, "--epochs", "1")).returncode == 0
     for s in os.listdir(os.path.join(workdir, "latest")):
         if s.isdigit():
             _damage(workdir, s)
-    refused = _run(_cmd(prepared_cifar, workdir, "--epochs", "1"))
+    refused = _run(_cmd(cifar_archive, workdir, "--epochs", "1"))
     assert refused.returncode == 2 and "--fresh" in refused.stderr and "Traceback" not in refused.stderr
-    fresh = _run(_cmd(prepared_cifar, workdir, "--epochs", "1", "--fresh"))
+    fresh = _run(_cmd(cifar_archive, workdir, "--epochs", "1", "--fresh"))
     assert fresh.returncode == 0, fresh.stderr
     assert "moved the previous run's checkpoints and metrics to" in fresh.stdout
     aside = glob.glob(os.path.join(workdir, "discarded-*"))
     assert len(aside) == 1 and os.path.exists(os.path.join(aside[0], "latest"))  # nothing deleted
 
 
-def test_sigterm_saves_and_exits_with_its_own_code_within_seconds(prepared_cifar, tmp_path):
+def test_sigterm_saves_and_exits_with_its_own_code_within_seconds(cifar_archive, tmp_path):
     """(SIGINT, and resuming after it, is tested in test_train.py.)"""
     workdir = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd(prepared_cifar, workdir, "--epochs", "50"), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(cifar_archive, workdir, "--epochs", "50"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("Batch [2/6]"):
@@ -165,9 +165,9 @@ def test_sigterm_saves_and_exits_with_its_own_code_within_seconds(prepared_cifar
     assert os.listdir(os.path.join(workdir, "latest"))
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_cifar, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_archive, tmp_path):
     workdir = str(tmp_path / "run")
-    run = _run(_cmd(prepared_cifar, workdir, "--lr", "1e6", "--save_every", "1"))
+    run = _run(_cmd(cifar_archive, workdir, "--lr", "1e6", "--save_every", "1"))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "the loss stopped being finite at epoch 1, batch" in run.stderr
     assert "learning rate (1e+06) is too high" in run.stderr
@@ -180,27 +180,27 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_cifar,
         assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params))
 
 
-def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(prepared_cifar, tmp_path):
+def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(cifar_archive, tmp_path):
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    with train.workdir_lock(workdir):
-        refused = _run(_cmd(prepared_cifar, workdir, "--epochs", "1"))
+    with workdir_lib.lock(workdir):
+        refused = _run(_cmd(cifar_archive, workdir, "--epochs", "1"))
     assert refused.returncode == 2 and f"is in use by process {os.getpid()}" in refused.stderr
     # A lock file left by a process that died (no process holds it) does not block.
     with open(os.path.join(workdir, "lock"), "w") as f:
         f.write("process 999999 on elsewhere")
-    assert _run(_cmd(prepared_cifar, workdir, "--epochs", "1")).returncode == 0
+    assert _run(_cmd(cifar_archive, workdir, "--epochs", "1")).returncode == 0
 
 
 @pytest.mark.parametrize("args, message", [
     (["--workdir", "/proc/version/run"], "cannot write to workdir"),
-    (["--data_dir", "/nonexistent/tfds"], "python -m vit_jax.data prepare"),
+    (["--archive", "/nonexistent/cifar-10-binary.tar.gz"], "does not exist; expected cifar-10-binary.tar.gz"),
     (["--save_every", "-1"], "save_every must be"),
     (["--batch_size", "0"], "batch_size must be positive"),
 ])
-def test_bad_input_gives_one_clear_line(prepared_cifar, tmp_path, args, message, capsys):
+def test_bad_input_gives_one_clear_line(cifar_archive, tmp_path, args, message, capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(_cmd(prepared_cifar, str(tmp_path / "run"), "--epochs", "1")[4:] + args)
+        train.main(_cmd(cifar_archive, str(tmp_path / "run"), "--epochs", "1")[4:] + args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err, err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1

@@ -8,6 +8,7 @@ import pytest
 
 from vit_jax import step
 from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError
 
 
@@ -50,13 +51,14 @@ def _batch(mesh, n=32, seed=0):
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     cfg = TrainConfig(preset="test", lr=3e-3, weight_decay=0.0)
-    mesh = step.Mesh.create(32)
+    mesh = DataParallel.create(32)
     state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, steps_per_epoch=100))
-    train_fn, eval_fn = step.jit_steps(mesh, step.Augment(32))
+    train_fn = step.jit_train_step(mesh, step.Augment(32))
+    eval_fn = step.jit_eval_step(mesh, PRESETS["test"])
     batch = _batch(mesh)
 
     def eval_loss(state):
-        m = eval_fn(state, mesh.replicate(step.zero_metrics()), *batch)
+        m = eval_fn(state.params, mesh.replicate(step.zero_metrics()), *batch)
         return float(m["loss"] / m["count"])
 
     before = eval_loss(state)
@@ -71,8 +73,8 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 def test_padding_examples_carry_no_weight():
     """A batch padded with junk under mask 0 gives the update of the real examples alone."""
     cfg = TrainConfig(preset="test")
-    mesh = step.Mesh.create(8)
-    train_fn, _ = step.jit_steps(mesh, step.Augment(32))
+    mesh = DataParallel.create(8)
+    train_fn = step.jit_train_step(mesh, step.Augment(32))
     images, labels, mask = (np.asarray(a) for a in _batch(mesh, n=8))
     padded_mask = mask.copy()
     padded_mask[6:] = 0
@@ -92,4 +94,4 @@ def test_padding_examples_carry_no_weight():
 def test_batch_that_devices_cannot_split_is_refused(monkeypatch):
     monkeypatch.setattr(jax, "local_device_count", lambda: 8)
     with pytest.raises(UserError, match="multiple of 8"):
-        step.Mesh.create(60)
+        DataParallel.create(60)

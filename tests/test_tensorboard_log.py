@@ -10,7 +10,7 @@ from vit_jax.tensorboard_log import Writer
 
 
 def test_scalars_read_back_with_tensorboard(tmp_path):
-    writer = Writer(str(tmp_path))
+    writer = Writer(str(tmp_path / "tensorboard"))
     for step in (10, 20, 30):
         writer.scalar("train/loss", 3.0 - step / 10, step)
     writer.scalars({"lr": 3e-4, "test_acc": 41.5, "note": "skipped", "best": None}, 30, prefix="epoch/")
@@ -28,7 +28,7 @@ def test_scalars_read_back_with_tensorboard(tmp_path):
 
 
 def test_a_disabled_writer_writes_nothing(tmp_path):
-    writer = Writer(str(tmp_path), enabled=False)
+    writer = Writer(str(tmp_path / "tensorboard"), enabled=False)
     writer.scalar("train/loss", 1.0, 1)
     writer.flush()
     writer.close()

@@ -1,4 +1,4 @@
-"""End-to-end training: the command line on mock data, resume, Ctrl+C, eight devices, bad input."""
+"""End-to-end training: the command line on a small archive, resume, Ctrl+C, eight devices, bad input."""
 
 import json
 import os
@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from vit_jax import evaluate, train
+from vit_jax import config as config_lib, evaluate, train
 from vit_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,14 +30,13 @@ def _cli(*args, env=None, **kwargs):
                           env={**os.environ, **(env or {})}, timeout=600, **kwargs)
 
 
-def test_command_line_end_to_end_on_mock_data(tmp_path, capsys):
+def test_command_line_end_to_end_on_an_archive(tmp_path, capsys, cifar_archive):
     workdir = str(tmp_path / "run")
-    args = ["--preset", "test", "--epochs", "2", "--batch_size", "16", "--log_every", "2",
-            "--workdir", workdir]
-    with tfds.testing.mock_data(num_examples=40):
-        train.main(args)
+    args = ["--preset", "test", "--epochs", "2", "--batch_size", "16", "--log_every", "2", "--train_limit", "40",
+            "--archive", cifar_archive, "--workdir", workdir]
+    train.main(args)
     out = capsys.readouterr().out
-    for expected in ("Device: ", "Data: 40 train / 40 test images, batch size 16 (3 batches per epoch)",
+    for expected in ("Device: ", "Data: 40 train / 32 test images, batch size 16 (3 batches per epoch)",
                      "24,234 parameters", "Epoch 1/2 | lr 3.00e-04", "Batch [2/3] Loss: ",
                      "Epoch 2: Train Loss: ", "New best model saved", "Done: best test accuracy"):
         assert expected in out, expected
@@ -54,19 +52,17 @@ def test_command_line_end_to_end_on_mock_data(tmp_path, capsys):
     assert os.listdir(os.path.join(workdir, "best")) and os.listdir(os.path.join(workdir, "latest"))
 
     # The same command again finds the run complete and changes nothing.
-    with tfds.testing.mock_data(num_examples=40):
-        train.main(args)
+    train.main(args)
     assert _rows(workdir) == rows
 
-    # evaluate reports the best epoch's test accuracy.
-    with tfds.testing.mock_data(num_examples=40):
-        loss, acc = evaluate.main(["--workdir", workdir])
+    # evaluate reports the best epoch's test accuracy, reading the run's own archive.
+    loss, acc = evaluate.main(["--workdir", workdir])
     best = max(rows, key=lambda r: r["test_acc"])
     assert acc == pytest.approx(best["test_acc"]) and loss == pytest.approx(best["test_loss"], rel=1e-5)
 
     # Another preset in the same workdir is refused, naming what differs.
-    with tfds.testing.mock_data(num_examples=40), pytest.raises(UserError, match="embed_dim: 32 -> 256"):
-        train.train_and_evaluate(*train.config_lib.parse_args(args[:1] + ["cifar"] + args[2:]))
+    with pytest.raises(UserError, match="embed_dim: 32 -> 256"):
+        train.train_and_evaluate(*config_lib.parse_args(args[:1] + ["cifar"] + args[2:]))
 
 
 def _train_cmd(data_dir, workdir, *extra):
@@ -131,3 +127,44 @@ def test_a_bad_setting_is_one_line_and_no_traceback_from_the_process():
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [
         "error: embed_dim 100 is not divisible by num_heads 6: each head takes embed_dim / num_heads channels"]
+
+
+def test_init_from_on_a_run_that_resumes_is_refused_not_ignored(tmp_path, cifar_archive):
+    """--init_from shapes a run from its first step; added to a rerun it would be ignored, so it is refused."""
+    from vit_jax import weights
+    from vit_jax.model import init_params
+    import jax
+
+    workdir = str(tmp_path / "run")
+    args = ["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
+            cifar_archive, "--workdir", workdir]
+    train.main(args)
+    npz = str(tmp_path / "start.npz")
+    weights.save(npz, init_params(config_lib.PRESETS["test"], jax.random.key(1)), config_lib.PRESETS["test"])
+    with pytest.raises(UserError, match=f"holds a run with other settings \\(train.init_from: None -> '{npz}'\\)"):
+        train.train_and_evaluate(*config_lib.parse_args(args + ["--init_from", npz]))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["init_from"] is None  # the record still names the run that happened
+
+
+def test_a_second_ctrl_c_quits_at_once_in_one_line_and_loses_nothing(tmp_path, cifar_archive):
+    workdir = str(tmp_path / "run")
+    # The cifar model: its steps and saves take long enough for the second signal to come during them.
+    cmd = [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "cifar", "--epochs", "1", "--batch_size", "32",
+           "--train_limit", "96", "--log_every", "1", "--archive", cifar_archive, "--workdir", workdir]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("Batch [1/3]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    for line in proc.stderr:
+        if line.startswith("Stopping after this step"):  # the first was handled: a second is a second
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "Second signal: quitting without saving; the previous checkpoint stays the latest" in err
+    again = _cli("vit_jax.train", *cmd[4:])
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in _rows(workdir)] == [1]

@@ -13,18 +13,14 @@ import json
 import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display needed, none opened
-import matplotlib.pyplot as plt
 import numpy as np
 
 from vit_jax import data
 from vit_jax.errors import UserError, cli
-from vit_jax.evaluate import load_best, load_run
+from vit_jax.figure import figsize, plt, save
 from vit_jax.predict import class_names, predict_logits, softmax
+from vit_jax.workdir import ANALYSIS, atomic_open, load_best
 
-DPI = 100
 CONFUSION_PX = (1300, 600)  # (width, height) of confusion.png
 ERROR_COLS, ERROR_ROWS = 8, 4  # errors.png shows at most ERROR_COLS * ERROR_ROWS images
 ERROR_CELL_PX = 150
@@ -62,8 +58,8 @@ def plot_confusion(cm: np.ndarray, names, title: str, out: str) -> str:
     with the counts written in; beside it the accuracy of each class."""
     counts = cm.sum(axis=1, keepdims=True)
     share = cm / np.maximum(counts, 1)
-    fig, (ax, bar) = plt.subplots(1, 2, figsize=(CONFUSION_PX[0] / DPI, CONFUSION_PX[1] / DPI), dpi=DPI,
-                                  width_ratios=(1.35, 1), layout="constrained")
+    fig, (ax, bar) = plt.subplots(1, 2, figsize=figsize(*CONFUSION_PX), width_ratios=(1.35, 1),
+                                  layout="constrained")
     fig.suptitle(title, fontsize=11)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     n = len(names)
@@ -92,9 +88,7 @@ def plot_confusion(cm: np.ndarray, names, title: str, out: str) -> str:
     bar.set_xlabel("accuracy (%)")
     bar.set_title("per-class accuracy", fontsize=10)
     bar.legend(loc="lower right", fontsize=8)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the size stays CONFUSION_PX
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def errors_size(num_shown: int) -> tuple[int, int]:
@@ -123,7 +117,7 @@ def plot_errors(images, labels, shown, preds, confidence, names, title: str, out
     """A grid of the images `shown` (indices), with true and predicted class and the confidence."""
     width, height = errors_size(len(shown))
     rows = height // ERROR_CELL_PX
-    fig, axes = plt.subplots(rows, ERROR_COLS, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False,
+    fig, axes = plt.subplots(rows, ERROR_COLS, figsize=figsize(width, height), squeeze=False,
                              layout="constrained")
     fig.suptitle(title, fontsize=10)
     for ax in axes.flat:
@@ -133,13 +127,11 @@ def plot_errors(images, labels, shown, preds, confidence, names, title: str, out
         ax.set_title(f"true {names[labels[i]]}\npred {names[preds[i]]} {100 * confidence[i]:.0f}%", fontsize=8)
     if not len(shown):
         axes[0, 0].text(0, 0.5, "no misclassified images", fontsize=10)
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def write_csv(cm: np.ndarray, names, out: str) -> str:
-    with open(out, "w", newline="") as f:
+    with atomic_open(out, newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *names])
         w.writerows([name, *map(int, row)] for name, row in zip(names, cm))
@@ -160,7 +152,7 @@ def analyze(model_cfg, params, images, labels, out_dir: str, title: str, batch_s
     accuracy = 100.0 * np.trace(cm) / len(labels)
     report = {"epoch": epoch, "images": int(len(labels)), "accuracy": accuracy, "per_class": per_class(cm, names),
               "most_confused": most_confused(cm, names), "classes": list(names), "confusion": cm.tolist()}
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "report.json")) as f:
         json.dump(report, f, indent=2)
     paths = {
         "confusion_png": plot_confusion(cm, names, f"{title}: {accuracy:.2f}% of {len(labels):,} test images",
@@ -179,7 +171,7 @@ def analyze(model_cfg, params, images, labels, out_dir: str, title: str, batch_s
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vit_jax.analyze", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory (default: the run's)")
+    data.add_source_arguments(parser)
     parser.add_argument("--out", default=None, help="folder for the results (default: WORKDIR/analysis)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--test_limit", type=int, default=None, help="only the first N test images")
@@ -187,12 +179,11 @@ def main(argv=None) -> dict:
     if a.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {a.batch_size}")
 
-    cfg, _ = load_run(a.workdir)
-    model_cfg, params, meta = load_best(a.workdir)
-    images, labels = data.load_split("test", a.data_dir or cfg.data_dir, a.test_limit)
-    out_dir = a.out or os.path.join(a.workdir, "analysis")
-    result = analyze(model_cfg, params, images, labels, out_dir,
-                     f"Best model ({cfg.preset}, epoch {meta['epoch']})", a.batch_size, meta["epoch"])
+    run = load_best(a.workdir)
+    images, labels = data.load_split("test", limit=a.test_limit, **data.source(a, run.cfg))
+    out_dir = a.out or os.path.join(a.workdir, ANALYSIS)
+    result = analyze(run.model_cfg, run.params, images, labels, out_dir,
+                     f"Best model ({run.cfg.preset}, epoch {run.meta['epoch']})", a.batch_size, run.meta["epoch"])
 
     print(f"Test accuracy {result['accuracy']:.2f}% on {result['images']:,} images. Per class:")
     for name, c in result["per_class"].items():

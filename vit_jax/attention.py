@@ -1,26 +1,14 @@
 """Attention weights of the trained model, and the maps made from them: rollout and class-token attention.
 
-The weights are the ones `model.Attention` sows while the model runs, so what is shown is what the
-trained model computed: there is no second implementation of the forward pass here.
+The weights are the ones `model.Attention` sows while the model runs (`step.infer`), so what is
+shown is what the trained model computed: there is no second implementation of the forward pass here.
 """
-
-import functools
 
 import jax
 import numpy as np
 
-from vit_jax import augment
+from vit_jax import step
 from vit_jax.config import ModelConfig
-from vit_jax.model import VisionTransformer
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(model_cfg: ModelConfig, params, images):
-    x = augment.preprocess(images, model_cfg.img_size)  # the eval pipeline
-    logits, state = VisionTransformer(model_cfg).apply({"params": params}, x, mutable=["intermediates"])
-    # Each block sows one (B, H, N+1, N+1) array into a tuple.
-    attn = [state["intermediates"][f"blocks_{i}"]["attn"]["attn"][0] for i in range(model_cfg.depth)]
-    return logits, jax.numpy.stack(attn)  # (L, B, H, N+1, N+1)
 
 
 def attention_weights(model_cfg: ModelConfig, params, images) -> tuple[np.ndarray, np.ndarray]:
@@ -28,8 +16,8 @@ def attention_weights(model_cfg: ModelConfig, params, images) -> tuple[np.ndarra
 
     Token 0 is the class token; tokens 1..N are the patches in row-major order.
     """
-    logits, attn = _forward(model_cfg, params, np.asarray(images))
-    return np.asarray(logits), np.asarray(attn)
+    out = step.infer_jit(model_cfg, params, np.asarray(images), attention=True)
+    return np.asarray(out["logits"]), np.asarray(out["attention"])
 
 
 def grid_side(num_tokens: int) -> int:

@@ -1,32 +1,38 @@
 """Configuration: the architecture (`ModelConfig`, with named presets) and the run (`TrainConfig`).
 
-Both are frozen dataclasses; `parse_args` builds them from the command line, with a flag for every
-field. A mistyped flag or an impossible value fails at once with a message that says what to change.
+Both are frozen dataclasses whose every field carries its own one-line help and, for the run,
+whether it may change when a run is resumed (`field(default, help, resumable=True)`). `parse_args`
+builds them from the command line, with a flag for every field. A mistyped flag or an impossible
+value fails at once with a message that says what to change.
 """
 
 import argparse
 import dataclasses
-import inspect
-import re
-from typing import Optional
+import types
+import typing
 
 from vit_jax.errors import UserError
+
+
+def field(default, help: str, *, resumable: bool = False):
+    """A config field with its flag's help text; `resumable`: may differ when a run is resumed."""
+    return dataclasses.field(default=default, metadata={"help": help, "resumable": resumable})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The ViT architecture. The same object builds the Flax model and its PyTorch twin."""
 
-    img_size: int = 224  # input side in pixels; CIFAR-10's 32x32 images are resized to it
-    patch_size: int = 16  # side of the square patches the image is cut into
-    num_classes: int = 10  # output classes
-    embed_dim: int = 384  # token width
-    depth: int = 6  # transformer blocks
-    num_heads: int = 6  # attention heads per block
-    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
-    drop_rate: float = 0.0  # dropout after the embedding, attention projection and MLP
-    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this in the last block
-    dtype: str = "float32"  # compute dtype (parameters stay float32): float32 or bfloat16
+    img_size: int = field(224, "input side in pixels; CIFAR-10's 32x32 images are resized to it")
+    patch_size: int = field(16, "side of the square patches the image is cut into")
+    num_classes: int = field(10, "output classes")
+    embed_dim: int = field(384, "token width")
+    depth: int = field(6, "transformer blocks")
+    num_heads: int = field(6, "attention heads per block")
+    mlp_ratio: float = field(4.0, "MLP hidden width / embed_dim")
+    drop_rate: float = field(0.0, "dropout after the embedding, attention projection and MLP")
+    drop_path_rate: float = field(0.0, "stochastic depth, rising linearly to this in the last block")
+    dtype: str = field("float32", "compute dtype (parameters stay float32): float32 or bfloat16")
 
     @property
     def num_patches(self) -> int:
@@ -72,27 +78,38 @@ PRESETS = {
 class TrainConfig:
     """One training run. Defaults are the PyTorch tutorial's recipe."""
 
-    preset: str = "seed"  # architecture preset (see PRESETS); model flags override its fields
-    epochs: int = 20  # passes over the training split
-    batch_size: int = 64  # global batch, split over all local devices
-    lr: float = 3e-4  # peak learning rate of AdamW
-    weight_decay: float = 0.1  # AdamW's decoupled weight decay
-    schedule: str = "epoch_cosine"  # epoch_cosine: PyTorch's CosineAnnealingLR stepped per epoch; cosine: per step
-    warmup_epochs: float = 0.0  # linear warm-up before the cosine (schedule=cosine only)
-    decay_all: bool = True  # decay every parameter as torch.optim.AdamW does; --no-decay_all spares biases, norms, embeddings
-    seed: int = 42  # seeds initialization, shuffling and augmentation
-    workdir: str = "checkpoints"  # where config, metrics and checkpoints go; rerunning resumes from it
-    data_dir: Optional[str] = None  # tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    patience: int = 0  # stop after this many epochs without a better test accuracy (0: never)
-    train_limit: Optional[int] = None  # use only the first N training examples
-    test_limit: Optional[int] = None  # use only the first N test examples
-    rotation: float = 0.0  # random rotation up to this many degrees (the tutorial's tip: 15)
-    color_jitter: float = 0.0  # random brightness, contrast and saturation of this strength (tip: 0.2)
-    log_every: int = 100  # print the running loss and accuracy every N batches
-    init_from: Optional[str] = None  # start from this PyTorch checkpoint (.pth) instead of a random init
-    save_every: int = 0  # also save the latest state every N batches (0: at the end of each epoch only)
-    fresh: bool = False  # start over: move the workdir's checkpoints and metrics aside, never delete them
-    tensorboard: bool = False  # also write the scalars as TensorBoard event files in WORKDIR/tensorboard
+    preset: str = field("seed", "architecture preset (see PRESETS); model flags override its fields")
+    epochs: int = field(20, "passes over the training split")
+    batch_size: int = field(64, "global batch, split over all local devices")
+    lr: float = field(3e-4, "peak learning rate of AdamW")
+    weight_decay: float = field(0.1, "AdamW's decoupled weight decay")
+    schedule: str = field("epoch_cosine", "epoch_cosine: PyTorch's CosineAnnealingLR stepped per epoch; "
+                                          "cosine: per step")
+    warmup_epochs: float = field(0.0, "linear warm-up before the cosine (schedule=cosine only)")
+    decay_all: bool = field(True, "decay every parameter as torch.optim.AdamW does; --no-decay_all spares "
+                                  "biases, norms, embeddings")
+    seed: int = field(42, "seeds initialization, shuffling and augmentation")
+    workdir: str = field("checkpoints", "where config, metrics and checkpoints go; rerunning resumes from it",
+                         resumable=True)
+    data_dir: str | None = field(None, "tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+                                 resumable=True)
+    archive: str | None = field(None, "read CIFAR-10 from this cifar-10-binary.tar.gz (or its folder) with numpy "
+                                      "instead of tfds: no TensorFlow needed", resumable=True)
+    patience: int = field(0, "stop after this many epochs without a better test accuracy (0: never)",
+                          resumable=True)
+    train_limit: int | None = field(None, "use only the first N training examples")
+    test_limit: int | None = field(None, "use only the first N test examples")
+    rotation: float = field(0.0, "random rotation up to this many degrees (the tutorial's tip: 15)")
+    color_jitter: float = field(0.0, "random brightness, contrast and saturation of this strength (tip: 0.2)")
+    log_every: int = field(100, "print the running loss and accuracy every N batches", resumable=True)
+    init_from: str | None = field(None, "start from these parameters (.npz from python -m parity.convert) "
+                                        "instead of a random init")
+    save_every: int = field(0, "also save the latest state every N batches (0: at the end of each epoch only)",
+                            resumable=True)
+    fresh: bool = field(False, "start over: move the workdir's checkpoints and metrics aside, never delete them",
+                        resumable=True)
+    tensorboard: bool = field(False, "also write the scalars as TensorBoard event files in WORKDIR/tensorboard",
+                              resumable=True)
 
     def validate(self) -> "TrainConfig":
         if self.preset not in PRESETS:
@@ -122,6 +139,11 @@ class TrainConfig:
         return self
 
 
+def resumable(name: str) -> bool:
+    """Whether TrainConfig field `name` may change between runs of one training (all others shape its results)."""
+    return TrainConfig.__dataclass_fields__[name].metadata["resumable"]
+
+
 def model_config(train: TrainConfig, **overrides) -> ModelConfig:
     """The preset's architecture with the given fields replaced (None means keep)."""
     train.validate()
@@ -129,18 +151,19 @@ def model_config(train: TrainConfig, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[train.preset], **overrides).validate()
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """The one-line comment beside each field in the source: the flags' help text."""
-    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$")
-    return {m.group(1): m.group(2) for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
+def _flag_type(annotation):
+    """int, float, str or bool: the annotation without its `| None`."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
 
 
 def _add_fields(parser, cls, defaults_none: bool):
-    helps = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        help_text = helps.get(f.name, "") + ("" if defaults_none else " (default: %(default)s)")
+        help_text = f.metadata["help"] + ("" if defaults_none else " (default: %(default)s)")
         default = None if defaults_none else f.default
-        kind = f.type if not str(f.type).startswith("typing.Optional") else f.type.__args__[0]
+        kind = _flag_type(hints[f.name])
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -151,12 +174,17 @@ def _add_fields(parser, cls, defaults_none: bool):
                                 help=help_text)
 
 
+def add_model_arguments(parser, title: str = "model (overrides the preset)"):
+    """A flag for every ModelConfig field, default None (keep the preset's): for model_config(**args)."""
+    _add_fields(parser.add_argument_group(title), ModelConfig, defaults_none=True)
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with a flag for every TrainConfig and ModelConfig field."""
     parser = argparse.ArgumentParser(prog="python -m vit_jax.train", description=description,
                                      allow_abbrev=False)  # --epoch is a typo
     _add_fields(parser.add_argument_group("run"), TrainConfig, defaults_none=False)
-    _add_fields(parser.add_argument_group("model (overrides the preset)"), ModelConfig, defaults_none=True)
+    add_model_arguments(parser)
     return parser
 
 

@@ -8,6 +8,17 @@ class UserError(Exception):
     """Bad input or a missing prerequisite; the message says what to do. No traceback is shown."""
 
 
+def reason(error: BaseException, limit: int = 200, last: bool = False) -> str:
+    """One line saying what went wrong: the first (or last) line of the message, else the type's name.
+
+    Libraries raise many kinds of exception for one cause that matters to the user (an unreadable
+    file, no network); this is the part of theirs worth quoting in ours.
+    """
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    line = lines[-1] if last else lines[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def cli(main):
     """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2."""
 

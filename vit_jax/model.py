@@ -2,9 +2,9 @@
 
 `parity/model.py` is the same model in PyTorch: the same classes in the same order, with the same
 attribute names, so that the weight port is a table and the two can be compared stage by stage.
-Framework defaults that differ are pinned where they are used: LayerNorm epsilon 1e-6 (timm's, not
-Flax's 1e-5 or PyTorch's 1e-5), exact erf GELU (not Flax's tanh approximation), images NHWC here
-and NCHW in PyTorch.
+Framework defaults that differ are pinned where they are used: LayerNorm epsilon 1e-6 (timm's and
+Flax's default, not PyTorch's 1e-5), exact erf GELU (not Flax's tanh approximation), images NHWC
+here and NCHW in PyTorch.
 """
 
 import jax
@@ -14,8 +14,7 @@ import flax.linen as nn
 from vit_jax.config import ModelConfig
 
 LN_EPS = 1e-6  # timm's ViT; so timm users loading our weights get the same logits.
-dense_init = nn.initializers.truncated_normal(stddev=0.02)
-embed_init = nn.initializers.truncated_normal(stddev=0.02)
+trunc_init = nn.initializers.truncated_normal(stddev=0.02)  # timm's init of weights and embeddings
 
 
 def gelu(x):
@@ -44,8 +43,8 @@ class Attention(nn.Module):
 
     def setup(self):
         c = self.config
-        self.qkv = nn.Dense(3 * c.embed_dim, dtype=c.dtype, kernel_init=dense_init)
-        self.proj = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=dense_init)
+        self.qkv = nn.Dense(3 * c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
+        self.proj = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
         self.proj_drop = nn.Dropout(c.drop_rate)
 
     def __call__(self, x, deterministic: bool):
@@ -66,9 +65,9 @@ class Mlp(nn.Module):
 
     def setup(self):
         c = self.config
-        self.fc1 = nn.Dense(int(c.embed_dim * c.mlp_ratio), dtype=c.dtype, kernel_init=dense_init)
+        self.fc1 = nn.Dense(int(c.embed_dim * c.mlp_ratio), dtype=c.dtype, kernel_init=trunc_init)
         self.drop1 = nn.Dropout(c.drop_rate)
-        self.fc2 = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=dense_init)
+        self.fc2 = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
         self.drop2 = nn.Dropout(c.drop_rate)
 
     def __call__(self, x, deterministic: bool):
@@ -106,13 +105,13 @@ class VisionTransformer(nn.Module):
     def setup(self):
         c = self.config
         self.patch_embed = PatchEmbed(c)
-        self.cls_token = self.param("cls_token", embed_init, (1, 1, c.embed_dim))
-        self.pos_embed = self.param("pos_embed", embed_init, (1, c.num_patches + 1, c.embed_dim))
+        self.cls_token = self.param("cls_token", trunc_init, (1, 1, c.embed_dim))
+        self.pos_embed = self.param("pos_embed", trunc_init, (1, c.num_patches + 1, c.embed_dim))
         self.pos_drop = nn.Dropout(c.drop_rate)
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
         self.blocks = [Block(c, drop_path=r) for r in rates]  # named blocks_0, blocks_1, ...
         self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
-        self.head = nn.Dense(c.num_classes, dtype=c.dtype, kernel_init=dense_init)
+        self.head = nn.Dense(c.num_classes, dtype=c.dtype, kernel_init=trunc_init)
 
     def forward_features(self, x, train: bool = False):
         """Images -> final-norm tokens (B, N+1, D), and the named stages along the way."""

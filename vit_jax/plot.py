@@ -1,37 +1,18 @@
 """`python -m vit_jax.plot --workdir DIR`: the training curves of a run, from its metrics.jsonl, as one PNG.
 
 Loss and accuracy, train and test, per epoch, and the learning rate; the best epoch is marked.
-It reads only metrics.jsonl, which training rewrites whole after every epoch, so it works while a
-run is still going. Written to DIR/curves.png unless `--out` says otherwise.
+It reads metrics.jsonl, which training rewrites whole after every epoch, and config.json, so it works
+while a run is still going. Written to DIR/curves.png unless `--out` says otherwise.
 """
 
 import argparse
-import json
 import os
 
-import matplotlib
+from vit_jax.errors import cli
+from vit_jax.figure import figsize, plt, save
+from vit_jax.workdir import CURVES, finished_epochs, read_config
 
-matplotlib.use("Agg")  # headless: no display needed, none opened
-import matplotlib.pyplot as plt
-
-from vit_jax.errors import UserError, cli
-
-DPI = 100
 CURVES_PX = (1500, 450)  # (width, height) of curves.png
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """The rows of DIR/metrics.jsonl, one per finished epoch. Raises UserError when there are none."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        if not os.path.exists(os.path.join(workdir, "config.json")):
-            raise UserError(f"{workdir!r} has no metrics.jsonl: is it the --workdir of a training run?")
-        raise UserError(f"no epoch of the run in {workdir!r} has finished yet: try again after the first")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        raise UserError(f"no epoch of the run in {workdir!r} has finished yet: try again after the first")
-    return rows
 
 
 def best_row(rows: list[dict]) -> dict:
@@ -42,7 +23,7 @@ def best_row(rows: list[dict]) -> dict:
 def plot_curves(rows: list[dict], out: str, title: str = "") -> str:
     epochs = [r["epoch"] for r in rows]
     best = best_row(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(CURVES_PX[0] / DPI, CURVES_PX[1] / DPI), dpi=DPI, layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=figsize(*CURVES_PX), layout="constrained")
     if title:
         fig.suptitle(title, fontsize=11)
     panels = [("loss", "cross-entropy loss"), ("acc", "accuracy (%)")]
@@ -62,22 +43,15 @@ def plot_curves(rows: list[dict], out: str, title: str = "") -> str:
         ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
     axes[0].legend()
     axes[1].legend()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the size stays CURVES_PX
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def plot_run(workdir: str, out: str | None = None) -> str:
     """Draws DIR/metrics.jsonl to `out` (default DIR/curves.png); returns the path."""
-    rows = read_metrics(workdir)
-    preset = ""
-    config = os.path.join(workdir, "config.json")
-    if os.path.exists(config):
-        with open(config) as f:
-            train = json.load(f)["train"]
-        preset = f" ({train['preset']}, {len(rows)} of {train['epochs']} epochs)"
-    return plot_curves(rows, out or os.path.join(workdir, "curves.png"), f"Training curves of {workdir}{preset}")
+    rows = finished_epochs(workdir)
+    cfg, _ = read_config(workdir)
+    title = f"Training curves of {workdir} ({cfg.preset}, {len(rows)} of {cfg.epochs} epochs)"
+    return plot_curves(rows, out or os.path.join(workdir, CURVES), title)
 
 
 @cli

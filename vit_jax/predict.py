@@ -1,22 +1,19 @@
 """`python -m vit_jax.predict --workdir DIR IMAGE...`: the best model's top classes for your own images.
 
-Also the inference the other inspection commands share: images read the way CIFAR-10's were made
-(`load_image`), and class probabilities in batches through one jitted apply (`predict_logits`).
+Also what the other inspection commands share: images read the way CIFAR-10's were made
+(`load_image`), and logits of many images in batches of one size (`predict_logits`).
 """
 
 import argparse
-import functools
 import sys
 
-import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vit_jax import augment, data
+from vit_jax import data, step
 from vit_jax.config import ModelConfig
 from vit_jax.errors import UserError, cli
-from vit_jax.evaluate import load_best
-from vit_jax.model import VisionTransformer
+from vit_jax.workdir import load_best
 
 CIFAR_SIDE = 32
 
@@ -61,11 +58,6 @@ def load_images(paths) -> dict[str, np.ndarray]:
     return loaded
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(model_cfg: ModelConfig, params, images):
-    return VisionTransformer(model_cfg).apply({"params": params}, augment.preprocess(images, model_cfg.img_size))
-
-
 def predict_logits(model_cfg: ModelConfig, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 images (N, 32, 32, 3) -> logits (N, C) float32, through the eval pipeline.
 
@@ -76,7 +68,7 @@ def predict_logits(model_cfg: ModelConfig, params, images: np.ndarray, batch_siz
     batch_size = min(batch_size, len(images))
     out = []
     for x, _, mask in data.epoch_batches(images, np.zeros(len(images), np.int32), batch_size):
-        out.append(np.asarray(_logits(model_cfg, params, x))[mask > 0])
+        out.append(np.asarray(step.infer_jit(model_cfg, params, x)["logits"])[mask > 0])
     return np.concatenate(out)
 
 
@@ -103,12 +95,13 @@ def main(argv=None) -> dict:
     if a.top <= 0:
         raise UserError(f"--top must be positive, got {a.top}")
 
-    model_cfg, params, meta = load_best(a.workdir)
-    names = class_names(model_cfg.num_classes)
+    run = load_best(a.workdir)
+    names = class_names(run.model_cfg.num_classes)
     loaded = load_images(a.images)
-    probs = softmax(predict_logits(model_cfg, params, np.stack(list(loaded.values()))))
+    probs = softmax(predict_logits(run.model_cfg, run.params, np.stack(list(loaded.values()))))
     results = dict.fromkeys(a.images)  # in the order given; None for the files skipped
-    print(f"Best model of {a.workdir} (epoch {meta['epoch']}, test accuracy {meta['test_acc']:.2f}% when saved):")
+    print(f"Best model of {a.workdir} (epoch {run.meta['epoch']}, test accuracy {run.meta['test_acc']:.2f}% "
+          f"when saved):")
     for path, p in zip(loaded, probs):
         results[path] = p
         print(f"{path}: " + " | ".join(f"{name} {100 * q:.1f}%" for name, q in top_k(p, names, a.top)))

@@ -1,24 +1,20 @@
-"""The train state, the optimizer and its schedule, and the jitted train and eval steps.
+"""The train state, the optimizer and its schedule, the one inference function, and the jitted steps.
 
 Pure JAX: no data I/O, no TensorFlow, so the benchmark can run it on a bare accelerator. Steps are
-written for a device mesh: the batch is sharded over the 'data' axis, parameters are replicated, and
-XLA inserts the gradient all-reduce. One device is just a mesh of one.
+compiled for a `devices.DataParallel` mesh: the batch is sharded, parameters are replicated.
 """
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import augment
 from vit_jax.config import ModelConfig, TrainConfig
-from vit_jax.errors import UserError
+from vit_jax.devices import DataParallel
 from vit_jax.model import VisionTransformer, init_params
 
 
@@ -62,11 +58,47 @@ def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch
                              tx=make_optimizer(cfg, steps_per_epoch))
 
 
+# --------------------------------------------------------------------------------------------------
+# Inference
+
+
+def infer(model_cfg: ModelConfig, params, images, attention: bool = False, stages: bool = False) -> dict:
+    """The model at inference: uint8 images (B, 32, 32, 3) -> {'logits': (B, C) float32}.
+
+    The one forward pass of evaluation, prediction, the attention maps and the comparison with the
+    PyTorch twin. On request it also returns 'attention', the softmax weights of every block
+    (L, B, H, N+1, N+1), and 'stages', the named intermediate outputs (embed, blockNN, norm, logits).
+    """
+    x = augment.preprocess(images, model_cfg.img_size)
+    model = VisionTransformer(model_cfg)
+    if not attention:
+        logits, named = model.apply({"params": params}, x, return_stages=True)
+        return {"logits": logits, **({"stages": named} if stages else {})}
+    (logits, named), sown = model.apply({"params": params}, x, return_stages=True, mutable=["intermediates"])
+    # Each block sows one (B, H, N+1, N+1) array into a tuple.
+    weights = [sown["intermediates"][f"blocks_{i}"]["attn"]["attn"][0] for i in range(model_cfg.depth)]
+    return {"logits": logits, "attention": jnp.stack(weights), **({"stages": named} if stages else {})}
+
+
+infer_jit = jax.jit(infer, static_argnames=("model_cfg", "attention", "stages"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Running sums of the loss and accuracy
+
+
 def zero_metrics() -> dict:
     """Running sums over examples (means are taken on the host, only when printed), and the first
     step whose loss was not finite (-1: none yet)."""
     return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
             "count": jnp.zeros((), jnp.float32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def means(metrics) -> tuple[float, float]:
+    """(mean loss, accuracy %) of running sums; reads them back from the device."""
+    m = jax.device_get(metrics)
+    n = max(float(m["count"]), 1.0)
+    return float(m["loss"]) / n, 100.0 * float(m["correct"]) / n
 
 
 def _accumulate(metrics: dict, sums: dict) -> dict:
@@ -77,6 +109,10 @@ def _sums(logits, labels, mask):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {"loss": jnp.sum(loss * mask), "correct": jnp.sum((logits.argmax(-1) == labels) * mask),
             "count": jnp.sum(mask)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,41 +144,26 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, aug:
     return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(state: TrainState, metrics: dict, images, labels, mask, img_size: int):
-    logits = state.apply_fn({"params": state.params}, augment.preprocess(images, img_size))
-    return _accumulate(metrics, _sums(logits, labels, mask))
+def eval_step(params, metrics: dict, images, labels, mask, model_cfg: ModelConfig):
+    """Adds one batch's loss and correct predictions to the running sums. Needs no optimizer."""
+    return _accumulate(metrics, _sums(infer(model_cfg, params, images)["logits"], labels, mask))
 
 
-@dataclasses.dataclass
-class Mesh:
-    """All local devices on one 'data' axis, with the shardings the steps use."""
-    mesh: Any
-    batch: NamedSharding  # leading axis split over devices
-    replicated: NamedSharding
-
-    @classmethod
-    def create(cls, batch_size: int) -> "Mesh":
-        n = jax.local_device_count()
-        if batch_size % n:
-            raise UserError(f"batch_size {batch_size} cannot be split over {n} devices: "
-                            f"use a multiple of {n}")
-        # Auto axes: XLA propagates the batch sharding and inserts the collectives itself.
-        mesh = jax.make_mesh((n,), ("data",), devices=jax.local_devices(),
-                             axis_types=(jax.sharding.AxisType.Auto,))
-        return cls(mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
-
-    def put_batch(self, *arrays):
-        return tuple(jax.device_put(np.asarray(a), self.batch) for a in arrays)
-
-    def replicate(self, tree):
-        return jax.device_put(tree, self.replicated)
+def jit_train_step(parallel: DataParallel, aug: Augment):
+    """train_step compiled for these devices; the state and running metrics are donated."""
+    r = parallel.replicated
+    return jax.jit(functools.partial(train_step, aug=aug), donate_argnums=(0, 1), out_shardings=(r, r))
 
 
-def jit_steps(mesh: Mesh, aug: Augment):
-    """The jitted train and eval steps for this mesh. The state and running metrics are donated."""
-    r = mesh.replicated
-    train = jax.jit(functools.partial(train_step, aug=aug), donate_argnums=(0, 1),
-                    out_shardings=(r, r))
-    evaluate = jax.jit(functools.partial(eval_step, img_size=aug.img_size), donate_argnums=(1,),
-                       out_shardings=r)
-    return train, evaluate
+def jit_eval_step(parallel: DataParallel, model_cfg: ModelConfig):
+    """eval_step compiled for these devices; the running metrics are donated."""
+    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg), donate_argnums=(1,),
+                   out_shardings=parallel.replicated)
+
+
+def evaluate(eval_fn, parallel: DataParallel, params, batches) -> tuple[float, float]:
+    """(loss, accuracy %) over `batches`, an iterable of (images, labels, mask): a whole split."""
+    metrics = parallel.replicate(zero_metrics())
+    for batch in batches:
+        metrics = eval_fn(params, metrics, *parallel.put_batch(*batch))
+    return means(metrics)

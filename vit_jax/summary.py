@@ -15,20 +15,21 @@ import jax
 
 from vit_jax import plot
 from vit_jax.config import PRESETS, ModelConfig, TrainConfig
+from vit_jax.devices import describe_devices
 from vit_jax.errors import cli
 from vit_jax.model import count_params, init_params
-from vit_jax.tensorboard_log import SUBDIR as TENSORBOARD
+from vit_jax.workdir import ANALYSIS, ATTENTION, CURVES, SUMMARY, TENSORBOARD, finished_epochs, read_config, write_atomic
 
 # (file in the workdir, what it shows, the command that makes it; {workdir} is filled in)
 PICTURES = [
-    ("curves.png", "Training curves", "python -m vit_jax.plot --workdir {workdir}"),
-    ("attention.png", "Attention maps", "python -m vit_jax.visualize_attention --workdir {workdir}"),
-    ("analysis/confusion.png", "Confusion matrix and per-class accuracy",
+    (CURVES, "Training curves", "python -m vit_jax.plot --workdir {workdir}"),
+    (ATTENTION, "Attention maps", "python -m vit_jax.visualize_attention --workdir {workdir}"),
+    (f"{ANALYSIS}/confusion.png", "Confusion matrix and per-class accuracy",
      "python -m vit_jax.analyze --workdir {workdir}"),
-    ("analysis/errors.png", "Misclassified test images", "python -m vit_jax.analyze --workdir {workdir}"),
+    (f"{ANALYSIS}/errors.png", "Misclassified test images", "python -m vit_jax.analyze --workdir {workdir}"),
 ]
-REPORT = "analysis/report.json"
-DATA_FILES = [("analysis/confusion.csv", "confusion matrix (CSV)"), (REPORT, "error analysis (JSON)")]
+REPORT = f"{ANALYSIS}/report.json"
+DATA_FILES = [(f"{ANALYSIS}/confusion.csv", "confusion matrix (CSV)"), (REPORT, "error analysis (JSON)")]
 
 
 def reproduce_command(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
@@ -142,12 +143,8 @@ def write_summary(workdir: str, device: str | None = None, curves: bool = True) 
     which is right when training calls this at its end. curves: (re)draw DIR/curves.png first, so
     the record always has its training curves.
     """
-    # Imported here: training imports this module to call write_summary, and both of these import train.
-    from vit_jax.evaluate import load_run
-    from vit_jax.train import describe_devices
-
-    cfg, model_cfg = load_run(workdir)
-    rows = plot.read_metrics(workdir)
+    cfg, model_cfg = read_config(workdir)
+    rows = finished_epochs(workdir)
     device = device or describe_devices()
     if curves:
         plot.plot_run(workdir)
@@ -158,10 +155,8 @@ def write_summary(workdir: str, device: str | None = None, curves: bool = True) 
     if REPORT in existing:
         with open(os.path.join(workdir, REPORT)) as f:
             analysis = json.load(f)
-    path = os.path.join(workdir, "summary.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(render(workdir, cfg, model_cfg, rows, device, num_params, existing, analysis))
-    os.replace(path + ".tmp", path)
+    path = os.path.join(workdir, SUMMARY)
+    write_atomic(path, render(workdir, cfg, model_cfg, rows, device, num_params, existing, analysis))
     return path
 
 

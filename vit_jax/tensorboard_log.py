@@ -6,21 +6,17 @@ A disabled Writer does nothing and imports nothing, so the training loop calls i
 (Not named tensorboard.py: run as a script from inside vit_jax/, that would hide the real package.)
 """
 
-import os
-
-SUBDIR = "tensorboard"
-
 
 class Writer:
     """scalar(name, value, step), flush() and close(); every call is a no-op when not enabled."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.logdir = os.path.join(workdir, SUBDIR)
+    def __init__(self, logdir: str, enabled: bool = True):
+        self.logdir = logdir
         self._writer = None
         if enabled:
-            # vit_jax.data imports TensorFlow with its C++ start-up notices silenced and keeps it off
-            # the GPU, which belongs to JAX; the Flax writer would otherwise import it bare.
-            from vit_jax import data  # noqa: F401
+            # TensorFlow, imported with its C++ start-up notices silenced and kept off the GPU, which
+            # belongs to JAX; the Flax writer would otherwise import it bare.
+            from vit_jax import tfds_data  # noqa: F401
             from flax.metrics import tensorboard
 
             # No flush per scalar: one per epoch (and at close) keeps file writes off the step loop.

@@ -9,19 +9,15 @@ Written to DIR/attention.png unless `--out` says otherwise.
 import argparse
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display needed, none opened
-import matplotlib.pyplot as plt
 import numpy as np
 
 from vit_jax import attention, data
 from vit_jax.errors import UserError, cli
-from vit_jax.evaluate import load_best, load_run
+from vit_jax.figure import figsize, plt, save
 from vit_jax.predict import class_names, load_images, softmax
+from vit_jax.workdir import ATTENTION, load_best
 
 CELL_PX = 160  # each map is drawn in a CELL_PX x CELL_PX square
-DPI = 100
 OVERLAY_ALPHA = 0.55
 
 
@@ -39,8 +35,8 @@ def draw(images: np.ndarray, rollout_maps: np.ndarray, head_maps: np.ndarray, la
     heads_up = attention.upsample(head_maps, side)  # (B, H, S, S)
     maps_raw = [[rollout_maps[b]] + list(head_maps[b]) for b in range(num_images)]  # patch resolution
     width, height = figure_size(num_images, num_heads)
-    fig, axes = plt.subplots(num_images, 2 + num_heads, figsize=(width / DPI, height / DPI), dpi=DPI,
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(num_images, 2 + num_heads, figsize=figsize(width, height), squeeze=False,
+                             layout="constrained")
     fig.suptitle(f"{title}\nEach map is stretched from its minimum (blue) to its maximum (red); "
                  f"peak: its maximum over its mean (1.0x is flat)", fontsize=9)
     columns = ["rollout, all layers"] + [f"last layer, head {h + 1}" for h in range(num_heads)]
@@ -62,10 +58,7 @@ def draw(images: np.ndarray, rollout_maps: np.ndarray, head_maps: np.ndarray, la
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the size stays figure_size()
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def visualize(model_cfg, params, images: np.ndarray, names: list[str], out: str, title: str,
@@ -90,7 +83,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vit_jax.visualize_attention",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory (default: the run's)")
+    data.add_source_arguments(parser)
     parser.add_argument("--num_images", type=int, default=8, help="how many test images, from the first")
     parser.add_argument("--images", nargs="+", metavar="IMAGE", help="your own images instead of test images")
     parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/attention.png)")
@@ -98,21 +91,21 @@ def main(argv=None) -> dict:
     if a.num_images <= 0:
         raise UserError(f"--num_images must be positive, got {a.num_images}")
 
-    cfg, _ = load_run(a.workdir)
-    model_cfg, params, meta = load_best(a.workdir)
+    run = load_best(a.workdir)
+    cfg, model_cfg, meta = run.cfg, run.model_cfg, run.meta
     true_labels = None
     if a.images:
         loaded = load_images(a.images)  # a file that is not an image is skipped with a message
         images = np.stack(list(loaded.values()))
         names = [os.path.basename(p) for p in loaded]
     else:
-        images, true_labels = data.load_split("test", a.data_dir or cfg.data_dir, a.num_images)
+        images, true_labels = data.load_split("test", limit=a.num_images, **data.source(a, cfg))
         names = [f"test {i}" for i in range(len(images))]
-    out = a.out or os.path.join(a.workdir, "attention.png")
+    out = a.out or os.path.join(a.workdir, ATTENTION)
     g = model_cfg.img_size // model_cfg.patch_size
     title = (f"Attention of the best model ({cfg.preset}, epoch {meta['epoch']}, test acc "
              f"{meta['test_acc']:.1f}%; {model_cfg.depth} layers, {model_cfg.num_heads} heads, {g}x{g} patches)")
-    result = visualize(model_cfg, params, images, names, out, title, true_labels)
+    result = visualize(model_cfg, run.params, images, names, out, title, true_labels)
     print(f"Wrote {out}")
     return result
 

@@ -1,0 +1,133 @@
+"""The workdir: its files, configs across versions, the best checkpoint read while a run replaces it,
+damage, and the evaluate command's bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, config as config_lib, workdir
+from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.errors import UserError
+from vit_jax.model import init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = PRESETS["test"]
+
+
+def _params(seed: int):
+    shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+
+
+def _run_with_best(path, epochs=(1,)) -> str:
+    cfg = TrainConfig(preset="test", workdir=str(path))
+    os.makedirs(path, exist_ok=True)
+    workdir.write_config(str(path), cfg, CFG)
+    ckpts = workdir.Checkpoints(str(path))
+    for e in epochs:
+        ckpts.save_best(_params(e), {"epoch": e, "test_acc": 10.0 * e})
+    ckpts.close()
+    return str(path)
+
+
+def test_config_fields_carry_their_help_and_resumability():
+    for cls in (config_lib.ModelConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata["help"], f.name
+    assert {f.name for f in dataclasses.fields(TrainConfig) if config_lib.resumable(f.name)} == {
+        "workdir", "data_dir", "archive", "patience", "log_every", "save_every", "fresh", "tensorboard"}
+    text = config_lib.build_parser("x").format_help()
+    assert "--epochs INT" in text and "passes over the training split (default: 20)" in text
+    assert "--train_limit INT" in text and "--no-decay_all" in text and "--embed_dim INT" in text
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    path = str(tmp_path / "f.json")
+    workdir.write_atomic(path, "old")
+    with pytest.raises(RuntimeError):
+        with workdir.atomic_open(path) as f:
+            f.write("half of the new")
+            raise RuntimeError("killed")
+    assert open(path).read() == "old"
+    workdir.write_atomic(path, "new")
+    assert open(path).read() == "new" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_config_written_by_another_version_still_loads(tmp_path):
+    saved = config_lib.to_dict(TrainConfig(preset="test", epochs=3), CFG)
+    del saved["train"]["archive"]  # a field this version added
+    saved["train"]["retired_flag"] = 1  # one a later version dropped
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg, model_cfg = workdir.read_config(str(tmp_path))
+    assert cfg.epochs == 3 and cfg.archive is None and model_cfg == CFG
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json cannot be read"):
+        workdir.read_config(str(tmp_path))
+
+
+def test_fresh_moves_every_file_of_a_run_aside(tmp_path):
+    for name in workdir.RUN_FILES:
+        (tmp_path / name).mkdir()
+    (tmp_path / workdir.CONFIG).write_text("{}")
+    aside = workdir.discard(str(tmp_path))
+    assert sorted(os.listdir(aside)) == sorted(workdir.RUN_FILES)
+    assert sorted(os.listdir(tmp_path)) == sorted([workdir.CONFIG, os.path.basename(aside)])
+    assert workdir.discard(str(tmp_path)) is None
+
+
+def test_the_best_checkpoint_is_read_even_when_a_run_replaces_it_meanwhile(tmp_path, monkeypatch):
+    """evaluate lists best/1, then the training run saves best/2 and deletes best/1 (it keeps one)
+    before evaluate reads it: the read lists again and takes best/2."""
+    path = _run_with_best(tmp_path / "run", epochs=(1,))
+    real_restore = checkpoint.Folder.restore
+    calls = []
+
+    def restore_after_a_new_best(self, step, like=None):
+        if not calls:
+            trainer = workdir.Checkpoints(path)  # the running training, saving its next best
+            trainer.save_best(_params(2), {"epoch": 2, "test_acc": 20.0})
+            trainer.close()
+        calls.append(step)
+        return real_restore(self, step, like)
+
+    monkeypatch.setattr(checkpoint.Folder, "restore", restore_after_a_new_best)
+    best = workdir.load_best(path)
+    assert calls == [1, 2] and best.meta["epoch"] == 2
+    jax.tree.map(np.testing.assert_array_equal, best.params, _params(2))
+
+
+def test_a_damaged_best_checkpoint_says_what_works(tmp_path):
+    path = _run_with_best(tmp_path / "run")
+    data = [os.path.join(r, n) for r, _, names in os.walk(os.path.join(path, "best", "1"))
+            for n in names if "/d/" in os.path.join(r, n)]
+    assert data
+    with open(data[0], "r+b") as f:
+        f.truncate(1)
+    with pytest.raises(UserError, match="is damaged .*restore that folder from a copy, or train again "
+                                        "\\(--fresh moves this run aside\\)"):
+        workdir.load_best(path)
+
+
+def test_a_workdir_without_a_best_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        workdir.load_best(str(tmp_path))
+    workdir.write_config(str(tmp_path), TrainConfig(preset="test"), CFG)
+    with pytest.raises(UserError, match="no best checkpoint .*train first"):
+        workdir.load_best(str(tmp_path))
+    assert not os.path.exists(tmp_path / "best")  # reading created nothing
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_evaluate_refuses_a_batch_size_that_is_not_positive(tmp_path, value):
+    path = _run_with_best(tmp_path / "run")
+    run = subprocess.run([sys.executable, "-m", "vit_jax.evaluate", "--workdir", path, "--batch_size", value],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"error: --batch_size must be positive, got {value}"

@@ -1,0 +1,157 @@
+"""Offline preparation: the stock tfds 'cifar10' dataset built from a local copy of the archive.
+
+    python -m vit_jax.data prepare --archive PATH/cifar-10-binary.tar.gz [--data_dir DIR]
+
+tfds takes the archive the way it takes a file downloaded by hand, from its manual_dir; its
+downloads and extraction go to a scratch folder beside the dataset. One prepare runs at a time per
+data_dir (a lock), and each one first removes what a killed one left behind (its scratch folder,
+tfds's incomplete.* folders), so a successful prepare leaves nothing but the dataset.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from vit_jax import archive, tfds_data
+from vit_jax.errors import UserError, cli
+
+SCRATCH_PREFIX = "tmp-vit_jax-prepare-"
+LOCK = ".vit_jax-prepare.lock"
+
+
+def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: bool = False) -> str:
+    """Builds the stock tfds 'cifar10' in data_dir from a local copy of the official archive.
+
+    source: cifar-10-binary.tar.gz, or its extracted folder (cifar-10-batches-bin or a folder holding
+    it). The archive must have the official sha256; a folder, which has no checksum, the official
+    layout and sizes. A copy that differs is refused unless allow_checksum_mismatch. Returns the
+    data_dir used, from which tfds.load('cifar10', data_dir=...) then reads with no network.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"{source} does not exist; {archive.EXPECTED}")
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder: give the folder to prepare the "
+                        f"dataset in (it is created if missing), and the archive as --archive")
+    builder = tfds_data.builder(data_dir)
+    root = Path(builder.data_dir_root)
+    if tfds_data.is_prepared(builder):
+        print(f"CIFAR-10 is already prepared in {root}; delete {builder.data_dir} to prepare it again")
+        return str(root)
+
+    url, official = tfds_data.official_url_info()
+    folder = archive.folder_of(path)
+    if folder is not None:
+        _verify_folder(folder, allow_checksum_mismatch)
+    else:
+        accepted = _verify_archive(path, allow_checksum_mismatch)
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root), tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=root) as scratch:
+        manual = Path(scratch, "manual")
+        manual.mkdir()
+        staged = manual / official.filename
+        if folder is not None:
+            _pack(folder, staged)
+            accepted = archive.sha256(staged)  # packed here: nobody's checksum
+        else:
+            staged.symlink_to(path.resolve())
+        if accepted is not None:  # tfds must be told the copy's checksum
+            size, sha256 = accepted
+            builder = _accepting(dataclasses.replace(official, size=size, checksum=sha256), url, data_dir)
+        config = tfds_data.tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
+        builder.download_and_prepare(download_dir=scratch, download_config=config)
+    return str(root)
+
+
+def _accepting(info, url: str, data_dir: str | None):
+    """The stock cifar10 builder, but taking `info` (the copy's size and sha256) as its archive's.
+
+    tfds checks every file against the checksum its builder class registers and has no switch to
+    take another (register_checksums would rewrite a file inside the installed package). Subclassing
+    a builder is its public way to change one: this one differs from the stock class in `url_infos`
+    alone, keeps its name (so the data lands in, and is read from, DATA_DIR/cifar10) and is not
+    registered. Written against tfds 4.9, where `url_infos` is a class property of the builder.
+    """
+    stock = tfds_data.tfds.builder_cls("cifar10")
+    copy = type("Cifar10Copy", (stock,), {"name": stock.name, "url_infos": {url: info}, "__module__": stock.__module__},
+                skip_registration=True)
+    return copy(data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """Holds the data_dir's prepare lock, and removes what a killed prepare left behind."""
+    with open(root / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another prepare is running in {root}: wait for it to finish") from None
+        leftovers = list(root.glob(SCRATCH_PREFIX + "*")) + list((root / "cifar10").glob("incomplete.*"))
+        for path in leftovers:  # no prepare holds the lock: these are a dead one's
+            shutil.rmtree(path, ignore_errors=True)
+        if leftovers:
+            print(f"removed {len(leftovers)} folder(s) an interrupted prepare left in {root}")
+        try:
+            yield
+        finally:
+            (root / LOCK).unlink(missing_ok=True)
+
+
+def _verify_archive(path: Path, allowed: bool) -> tuple[int, str] | None:
+    """None for the official archive; for another, checks its layout, refuses it unless allowed, and
+    returns its (size, sha256)."""
+    size, sha256 = archive.sha256(path)
+    if (size, sha256) == (archive.OFFICIAL_SIZE, archive.OFFICIAL_SHA256):
+        return None
+    archive.read_files(path)  # a wrong layout says more than a wrong checksum
+    archive.mismatch(path, f"expected sha256 {archive.OFFICIAL_SHA256} and {archive.OFFICIAL_SIZE} bytes, found "
+                           f"sha256 {sha256} and {size} bytes", allowed)
+    return size, sha256
+
+
+def _verify_folder(folder: Path, allowed: bool) -> None:
+    """Checks the layout; a folder has no checksum, so other sizes than the official ones count as a mismatch."""
+    contents = archive.read_files(folder)
+    counts = {name: len(contents[name]) // archive.RECORD_BYTES for name in archive.BATCH_FILES}
+    if all(n == archive.OFFICIAL_RECORDS for n in counts.values()):
+        print(f"note: {folder} is a folder, which has no checksum to verify; its layout and sizes match "
+              f"the official release")
+    else:
+        found = ", ".join(f"{n} in {name}" for name, n in counts.items())
+        archive.mismatch(folder, f"expected {archive.OFFICIAL_RECORDS} records in each batch file, found {found}",
+                         allowed)
+
+
+def _pack(folder: Path, out: Path) -> None:
+    """Writes the layout of folder as a .tar.gz, the only form tfds takes; stored, not compressed."""
+    with tarfile.open(out, "w:gz", compresslevel=0) as tar:
+        for name in archive.FILES:
+            tar.add(folder / name, arcname=f"{archive.FOLDER}/{name}")
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vit_jax.data", description="CIFAR-10 for tfds, offline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="prepare tfds 'cifar10' from a local copy of the official archive")
+    p.add_argument("--archive", required=True,
+                   help="cifar-10-binary.tar.gz, or its extracted folder cifar-10-batches-bin")
+    p.add_argument("--data_dir", default=None,
+                   help="tfds data directory to write (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--allow_checksum_mismatch", action="store_true",
+                   help="go on, with a warning, when the copy is not byte for byte the official release")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    root = prepare(args.archive, args.data_dir, args.allow_checksum_mismatch)
+    builder = tfds_data.builder(root)
+    splits = builder.info.splits
+    print(f"CIFAR-10 (tfds cifar10 {builder.version}) is in {root}: {splits['train'].num_examples} train and "
+          f"{splits['test'].num_examples} test examples ({time.perf_counter() - started:.0f} s). "
+          f"Train with --data_dir {root}")

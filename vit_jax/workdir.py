@@ -1,0 +1,309 @@
+"""The workdir: one training run's folder, and the only module that knows what is in it.
+
+    WORKDIR/config.json     the resolved TrainConfig and ModelConfig
+    WORKDIR/metrics.jsonl   one row per finished epoch
+    WORKDIR/latest/<step>/  the full train state, the running sums of an unfinished epoch and `meta`
+                            (epochs done, best accuracy so far, ...); the newest two are kept
+    WORKDIR/best/<epoch>/   the parameters with the best test accuracy, with their epoch and accuracy
+    WORKDIR/lock            held by the run that trains in the folder
+    WORKDIR/summary.md, curves.png, attention.png, analysis/, tensorboard/: made by the inspection commands
+
+Every file appears whole or not at all: plain files are written beside their target and renamed,
+checkpoints by orbax the same way, and each checkpoint is then sealed with a manifest of its files'
+sizes and sha256, so damage that comes later (a full disk, a torn copy) is found before orbax reads
+the files, and the previous checkpoint is used instead. `--fresh` moves a run aside, never deletes it.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+
+import jax
+
+from vit_jax.checkpoint import Folder
+from vit_jax.config import ModelConfig, TrainConfig, resumable, to_dict
+from vit_jax.errors import UserError, reason
+from vit_jax.model import init_params
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LOCK = "lock"
+LATEST = "latest"
+BEST = "best"
+SUMMARY = "summary.md"
+CURVES = "curves.png"
+ATTENTION = "attention.png"
+ANALYSIS = "analysis"
+TENSORBOARD = "tensorboard"
+EXPORT = "best_model.pth"  # parity.export's default
+# What --fresh moves aside: everything a run made, but its config (rewritten) and lock (held).
+RUN_FILES = (LATEST, BEST, METRICS, TENSORBOARD, SUMMARY, CURVES, ATTENTION, ANALYSIS)
+MANIFEST = "vit_jax_manifest.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain files
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **open_args):
+    """A file object whose contents appear at `path` only once it is complete and on disk."""
+    tmp = path + ".tmp"
+    with open(tmp, mode, **open_args) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_atomic(path: str, text: str):
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def make(workdir: str):
+    """Creates the workdir, and checks that it can be written before any work is done."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to workdir {workdir!r} ({e.strerror}): choose another --workdir")
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+    """One run per workdir. The kernel drops the lock when its process dies, however it dies."""
+    with open(os.path.join(workdir, LOCK), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise UserError(f"workdir {workdir!r} is in use by {owner}: wait for that run to end or stop it, "
+                            f"or pass another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def _from_dict(cls, values: dict):
+    """A config from its saved fields; a field saved by another version of vit_jax is left out, and
+    one added since takes its default, so an older run still loads (and resumes)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def read_config(workdir: str) -> tuple[TrainConfig, ModelConfig]:
+    """The configs a workdir was trained with (its config.json)."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        raise UserError(f"{workdir!r} has no {CONFIG}: is it the --workdir of a training run?")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return _from_dict(TrainConfig, saved["train"]), _from_dict(ModelConfig, saved["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} cannot be read ({reason(e)}): is it the --workdir of a training run?") from None
+
+
+def has_run(workdir: str) -> bool:
+    """Whether a run has saved a checkpoint here (to resume)."""
+    return os.path.exists(os.path.join(workdir, CONFIG)) and os.path.isdir(os.path.join(workdir, LATEST))
+
+
+def check_same_run(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig):
+    """Refuses, naming each differing field, a run whose settings differ from those of the run
+    already in the workdir, but for the fields that may change on resume."""
+    saved_cfg, saved_model = read_config(workdir)
+    diff = [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+            for section, old, new in (("model", saved_model, model_cfg), ("train", saved_cfg, cfg))
+            for f in dataclasses.fields(new)
+            if not (section == "train" and resumable(f.name)) and getattr(old, f.name) != getattr(new, f.name)]
+    if diff:
+        raise UserError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(diff)}): "
+                        f"rerun with the same settings to resume it, or pass another --workdir")
+
+
+def write_config(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig):
+    write_atomic(os.path.join(workdir, CONFIG), json.dumps(to_dict(cfg, model_cfg), indent=2) + "\n")
+
+
+def read_metrics(workdir: str, upto: int | None = None) -> list[dict]:
+    """The rows of metrics.jsonl, one per finished epoch (with `upto`: of epochs 1 to upto only, since
+    a row can outlive a crash before its checkpoint was saved). [] when there are none."""
+    path = os.path.join(workdir, METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if upto is None or r["epoch"] <= upto]
+
+
+def finished_epochs(workdir: str) -> list[dict]:
+    """read_metrics for the commands that need at least one epoch: an empty run is a UserError."""
+    rows = read_metrics(workdir)
+    if not rows:
+        if not os.path.exists(os.path.join(workdir, CONFIG)):
+            raise UserError(f"{workdir!r} has no {METRICS}: is it the --workdir of a training run?")
+        raise UserError(f"no epoch of the run in {workdir!r} has finished yet: try again after the first")
+    return rows
+
+
+def write_metrics(workdir: str, rows: list[dict]):
+    write_atomic(os.path.join(workdir, METRICS), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def discard(workdir: str) -> str | None:
+    """Moves a run's checkpoints, metrics and pictures into WORKDIR/discarded-<time>/ (for --fresh): a new
+    start never deletes a run. Returns that folder, or None when there was nothing to move."""
+    names = [n for n in RUN_FILES if os.path.exists(os.path.join(workdir, n))]
+    if not names:
+        return None
+    aside = os.path.join(workdir, time.strftime("discarded-%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for n in names:
+        os.replace(os.path.join(workdir, n), os.path.join(aside, n))
+    return aside
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints, sealed
+
+
+def _files(step_dir: str) -> dict[str, tuple[int, str]]:
+    out = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            if not name.startswith(MANIFEST):
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):  # hashlib.file_digest needs Python 3.11
+                        digest.update(block)
+                out[os.path.relpath(path, step_dir)] = (os.path.getsize(path), digest.hexdigest())
+    return out
+
+
+def _seal(step_dir: str):
+    with atomic_open(os.path.join(step_dir, MANIFEST)) as f:
+        json.dump(_files(step_dir), f)
+
+
+def _damage(step_dir: str) -> str | None:
+    """What is wrong with a sealed checkpoint's files, or None. (Unsealed: a kill came between
+    orbax's commit and the seal; orbax's commit is atomic, so it is read as it is.)"""
+    try:
+        with open(os.path.join(step_dir, MANIFEST)) as f:
+            expected = {k: tuple(v) for k, v in json.load(f).items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "its manifest is unreadable"
+    found = _files(step_dir)
+    bad = sorted(k for k in expected if found.get(k) != expected[k])
+    return f"{len(bad)} of its files differ from when it was saved ({bad[0]}...)" if bad else None
+
+
+class Checkpoints:
+    """The latest and best checkpoints of the run that trains in a workdir."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.latest = Folder(os.path.join(workdir, LATEST), "state", keep=2)
+        self.best = Folder(os.path.join(workdir, BEST), "params", keep=1)
+
+    def save_latest(self, state, metrics, meta: dict):
+        """Saves and seals; a state already saved at this step is not written again."""
+        step = int(state.step)
+        if step not in self.latest.steps():
+            self.latest.save(step, {"state": state, "metrics": metrics}, meta)
+            _seal(self.latest.step_dir(step))
+
+    def restore_latest(self, state, metrics):
+        """(state, metrics, meta) of the newest checkpoint that reads back whole, shaped and sharded
+        like the arguments; None when there is none. A damaged one is skipped with a warning."""
+        steps = self.latest.steps()[::-1]
+        for step in steps:
+            damage = _damage(self.latest.step_dir(step))
+            if damage is None:
+                try:
+                    tree, meta = self.latest.restore(step, like={"state": state, "metrics": metrics})
+                    return tree["state"], tree["metrics"], meta
+                except Exception as e:  # orbax and tensorstore raise many kinds for one cause: unreadable
+                    damage = reason(e)
+            print(f"warning: skipping damaged checkpoint {self.latest.step_dir(step)} ({damage})", file=sys.stderr)
+        if steps:
+            raise UserError(
+                f"no checkpoint in {self.latest.path} could be read (steps {steps} are damaged). "
+                f"Rerun with --fresh to move them aside (to {self.workdir}/discarded-*) and start over")
+        return None
+
+    def save_best(self, params, meta: dict):
+        if meta["epoch"] not in self.best.steps():  # else written before a crash; the rerun computed the same
+            self.best.save(meta["epoch"], params, meta)
+            _seal(self.best.step_dir(meta["epoch"]))
+
+    def restore_best(self, like=None):
+        """(params, meta) of the best checkpoint, restored like `like` (see Folder.restore)."""
+        return _read_best(self.best, self.workdir, like)
+
+    def close(self):
+        self.latest.close()
+        self.best.close()
+
+
+def _read_best(best: Folder, workdir: str, like, attempts: int = 3):
+    """(params, meta) of the newest checkpoint in `best`.
+
+    A run that is still training replaces its best checkpoint as it goes (only one is kept), so the
+    one listed can be gone by the time it is read: then the newest is listed again.
+    """
+    for attempt in range(attempts):
+        epochs = best.steps()
+        if not epochs:
+            raise UserError(f"no best checkpoint in {best.path}: train first (python -m vit_jax.train "
+                            f"--workdir {workdir})")
+        step_dir = best.step_dir(epochs[-1])
+        damage = _damage(step_dir)
+        if damage:
+            raise UserError(f"the best checkpoint {step_dir} is damaged ({damage}): restore that folder from "
+                            f"a copy, or train again (--fresh moves this run aside)")
+        try:
+            return best.restore(epochs[-1], like)
+        except FileNotFoundError:
+            if attempt + 1 == attempts or epochs[-1] in best.steps():
+                raise
+
+
+# --------------------------------------------------------------------------------------------------
+# A finished (or running) run, for the inspection commands
+
+
+Best = collections.namedtuple("Best", "cfg model_cfg params meta")
+
+
+def load_best(workdir: str) -> Best:
+    """The configs of a run and its best parameters (float32 numpy-backed arrays on the default device)."""
+    cfg, model_cfg = read_config(workdir)
+    if not os.path.isdir(os.path.join(workdir, BEST)):
+        raise UserError(f"no best checkpoint in {os.path.join(workdir, BEST)}: train first "
+                        f"(python -m vit_jax.train --workdir {workdir})")
+    best = Folder(os.path.join(workdir, BEST), "params", read_only=True)
+    try:
+        params, meta = _read_best(best, workdir, jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0))))
+    finally:
+        best.close()
+    return Best(cfg, model_cfg, params, meta)
