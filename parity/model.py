@@ -17,6 +17,7 @@ from torch import nn
 from vit_jax.config import ModelConfig
 
 LN_EPS = 1e-6  # as vit_jax.model.LN_EPS (PyTorch's default is 1e-5)
+FLAX_ONLY = ("dtype", "attention")  # how the Flax side computes; the twin computes in float32, its own way
 
 
 def gelu(x):
@@ -148,8 +149,8 @@ class VisionTransformer(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VisionTransformer":
         """The twin of `vit_jax.model.VisionTransformer(config)`. It computes in float32 whatever
-        `config.dtype` says: that field sets the Flax side's compute dtype only."""
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "dtype"}
+        `config.dtype` says: that field, like `attention`, sets how the Flax side computes."""
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in FLAX_ONLY}
         return cls(**fields)
 
     def forward_features(self, x):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vit_jax import augment
 
@@ -80,3 +81,15 @@ def test_rotation_and_color_jitter_change_the_image_and_stay_finite():
         assert not np.allclose(out, plain)
     raw = _unnormalize(jittered)
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5  # jitter clips to the valid range
+
+
+def test_rotate_turns_about_the_centre_and_fills_zeros():
+    img = np.zeros((9, 9, 1), np.float32)
+    img[4, 8] = 1.0  # right of the centre (4, 4)
+    quarter = np.asarray(augment.rotate(img, np.pi / 2))
+    assert quarter[0, 4, 0] == pytest.approx(1.0, abs=1e-5)  # now above it: counterclockwise as displayed
+    assert quarter.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(augment.rotate(img, 0.0), img, atol=1e-6)
+    full = np.ones((9, 9, 1), np.float32)
+    corners = np.asarray(augment.rotate(full, np.pi / 4))
+    assert corners[0, 0, 0] == 0.0 and corners[4, 4, 0] == pytest.approx(1.0)  # no source: zero fill

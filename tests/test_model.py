@@ -97,3 +97,25 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_impossible_shapes_are_refused(fields, message):
     with pytest.raises(UserError, match=message):
         dataclasses.replace(PRESETS["test"], **fields).validate()
+
+
+def test_attention_kernel_is_chosen_from_backend_and_dtype(monkeypatch):
+    from vit_jax.model import attention_implementation
+
+    cfg = PRESETS["test"]
+    assert attention_implementation(cfg) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_implementation(cfg) == "xla"  # float32: cuDNN's fused kernel takes 16-bit inputs
+    assert attention_implementation(dataclasses.replace(cfg, dtype="bfloat16")) == "cudnn"
+    assert attention_implementation(dataclasses.replace(cfg, dtype="bfloat16", attention="xla")) == "xla"
+
+
+def test_fused_attention_and_the_spelled_out_softmax_agree():
+    """The path that trains (jax.nn.dot_product_attention) and the one that keeps the weights for the
+    pictures compute the same function."""
+    cfg = PRESETS["test"]
+    params = init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    fused = VisionTransformer(cfg).apply({"params": params}, x)
+    spelled, _ = VisionTransformer(cfg).apply({"params": params}, x, mutable=["intermediates"])
+    np.testing.assert_allclose(fused, spelled, rtol=1e-5, atol=1e-6)

@@ -41,8 +41,9 @@ def test_config_fields_carry_their_help_and_resumability():
     for cls in (config_lib.ModelConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata["help"], f.name
-    assert {f.name for f in dataclasses.fields(TrainConfig) if config_lib.resumable(f.name)} == {
+    assert {f.name for f in dataclasses.fields(TrainConfig) if config_lib.resumable(f)} == {
         "workdir", "data_dir", "archive", "patience", "log_every", "save_every", "fresh", "tensorboard"}
+    assert {f.name for f in dataclasses.fields(config_lib.ModelConfig) if config_lib.resumable(f)} == {"attention"}
     text = config_lib.build_parser("x").format_help()
     assert "--epochs INT" in text and "passes over the training split (default: 20)" in text
     assert "--train_limit INT" in text and "--no-decay_all" in text and "--embed_dim INT" in text

@@ -4,11 +4,11 @@ uint8 (B, 32, 32, 3) batches go to the accelerator as they are; resizing, flippi
 normalization happen there, so the host never starves it. The order is the PyTorch tutorial's
 torchvision pipeline: Resize(img_size, bilinear), RandomHorizontalFlip, RandomCrop(img_size,
 padding=4), [RandomRotation, ColorJitter: the tutorial's optional tips], ToTensor, Normalize.
+Plain jax.numpy: no image library to install on an accelerator machine.
 """
 
 import jax
 import jax.numpy as jnp
-import dm_pix as pix
 
 # CIFAR-10's per-channel statistics of the training set, on the [0, 1] scale.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -33,6 +33,31 @@ def preprocess(images, img_size: int):
     return normalize(resize(images, img_size))
 
 
+def flip(x):
+    """Mirror images left to right: (..., H, W, C)."""
+    return x[..., ::-1, :]
+
+
+def _random_crop(key, x):
+    """torchvision's RandomCrop(S, padding=4): a window of the zero-padded (S, S, 3) image (fill 0)."""
+    padded = jnp.pad(x, ((CROP_PADDING, CROP_PADDING), (CROP_PADDING, CROP_PADDING), (0, 0)))
+    dy, dx = jax.random.randint(key, (2,), 0, 2 * CROP_PADDING + 1)
+    return jax.lax.dynamic_slice(padded, (dy, dx, 0), x.shape)
+
+
+def rotate(x, angle):
+    """One (S, S, C) image turned by `angle` radians (counterclockwise as displayed) about its centre;
+    bilinear, zeros where the turned image has no source (torchvision's RandomRotation fills 0)."""
+    side = x.shape[0]
+    centre = (side - 1) / 2
+    rows, cols = jnp.meshgrid(jnp.arange(side) - centre, jnp.arange(side) - centre, indexing="ij")
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    # Where each output pixel comes from: the inverse rotation of its position (rows grow downwards).
+    src = [cos * rows + sin * cols + centre, -sin * rows + cos * cols + centre]
+    return jnp.stack([jax.scipy.ndimage.map_coordinates(x[..., c], src, order=1, mode="constant", cval=0.0)
+                      for c in range(x.shape[-1])], axis=-1)
+
+
 def _jitter(key, x, strength: float):
     """torchvision's ColorJitter(brightness=s, contrast=s, saturation=s) on one [0, 1] image.
 
@@ -48,12 +73,10 @@ def _jitter(key, x, strength: float):
 def _augment_one(key, x, rotation: float, color_jitter: float):
     """One resized [0, 1] image (S, S, 3): flip, padded crop, optional rotation and jitter."""
     k_flip, k_crop, k_rot, k_jit = jax.random.split(key, 4)
-    x = pix.random_flip_left_right(k_flip, x)
-    padded = jnp.pad(x, ((CROP_PADDING, CROP_PADDING), (CROP_PADDING, CROP_PADDING), (0, 0)))
-    x = pix.random_crop(k_crop, padded, x.shape)  # zero padding, as torchvision's fill=0
-    if rotation:
-        angle = jax.random.uniform(k_rot, minval=-rotation, maxval=rotation) * jnp.pi / 180
-        x = pix.rotate(x, angle, order=1, mode="constant", cval=0.0)
+    x = jnp.where(jax.random.bernoulli(k_flip), flip(x), x)
+    x = _random_crop(k_crop, x)
+    if rotation:  # an angle drawn uniformly from [-rotation, rotation] degrees
+        x = rotate(x, jax.random.uniform(k_rot, minval=-rotation, maxval=rotation) * jnp.pi / 180)
     if color_jitter:
         x = _jitter(k_jit, x, color_jitter)
     return x

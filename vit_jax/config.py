@@ -33,6 +33,8 @@ class ModelConfig:
     drop_rate: float = field(0.0, "dropout after the embedding, attention projection and MLP")
     drop_path_rate: float = field(0.0, "stochastic depth, rising linearly to this in the last block")
     dtype: str = field("float32", "compute dtype (parameters stay float32): float32 or bfloat16")
+    attention: str = field("auto", "attention kernel: auto (cuDNN's fused attention on an NVIDIA GPU in "
+                                   "bfloat16, else XLA's), xla or cudnn", resumable=True)
 
     @property
     def num_patches(self) -> int:
@@ -57,6 +59,8 @@ class ModelConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise UserError(f"attention must be auto, xla or cudnn, got {self.attention!r}")
         return self
 
 
@@ -139,9 +143,9 @@ class TrainConfig:
         return self
 
 
-def resumable(name: str) -> bool:
-    """Whether TrainConfig field `name` may change between runs of one training (all others shape its results)."""
-    return TrainConfig.__dataclass_fields__[name].metadata["resumable"]
+def resumable(f: dataclasses.Field) -> bool:
+    """Whether a config field may change between runs of one training (all others shape its results)."""
+    return f.metadata["resumable"]
 
 
 def model_config(train: TrainConfig, **overrides) -> ModelConfig:

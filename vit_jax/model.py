@@ -36,6 +36,13 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, D), patches in row-major order
 
 
+def attention_implementation(config: ModelConfig) -> str:
+    """'cudnn' (the fused kernel) on an NVIDIA GPU in bfloat16 when config.attention is 'auto', else 'xla'."""
+    if config.attention != "auto":
+        return config.attention
+    return "cudnn" if jax.default_backend() == "gpu" and config.dtype == "bfloat16" else "xla"
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection, as timm has it."""
 
@@ -51,13 +58,16 @@ class Attention(nn.Module):
         B, N, D = x.shape
         H = self.config.num_heads
         qkv = self.qkv(x).reshape(B, N, 3, H, D // H)  # timm's channel order: (q|k|v) x heads x head_dim
-        q, k, v = jnp.moveaxis(qkv, 2, 0)  # each (B, N, H, hd)
-        q = q * (D // H) ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, N, N)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        self.sow("intermediates", "attn", attn)  # kept only when asked for (visualization)
-        x = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v).reshape(B, N, D)
-        return self.proj_drop(self.proj(x), deterministic=deterministic)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, H, hd)
+        q = q * (D // H) ** -0.5  # scaled before the product, as timm and the twin do
+        if self.is_mutable_collection("intermediates"):
+            # Asked for the weights (visualization): the same attention, its softmax spelled out and kept.
+            attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32), axis=-1)  # (B, H, N, N)
+            self.sow("intermediates", "attn", attn)
+            x = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
+        else:
+            x = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=attention_implementation(self.config))
+        return self.proj_drop(self.proj(x.reshape(B, N, D)), deterministic=deterministic)
 
 
 class Mlp(nn.Module):

@@ -130,8 +130,7 @@ def check_same_run(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig):
     saved_cfg, saved_model = read_config(workdir)
     diff = [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
             for section, old, new in (("model", saved_model, model_cfg), ("train", saved_cfg, cfg))
-            for f in dataclasses.fields(new)
-            if not (section == "train" and resumable(f.name)) and getattr(old, f.name) != getattr(new, f.name)]
+            for f in dataclasses.fields(new) if not resumable(f) and getattr(old, f.name) != getattr(new, f.name)]
     if diff:
         raise UserError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(diff)}): "
                         f"rerun with the same settings to resume it, or pass another --workdir")
