@@ -4,10 +4,15 @@ All three run in one process, one after the other, on the same device and the sa
 jitted JAX step (`vit_jax.bench`), the twin's step in eager PyTorch, and the same under
 `torch.compile` (reported as n/a, with the reason, where it fails). Every step does the same work:
 uint8 images -> resize, flip, padded crop, normalize -> forward, cross-entropy, backward, AdamW.
-Random uint8 batches stand in for data. Prints images/s of each and their ratio to JAX.
+Random uint8 batches stand in for data. Prints ms/step and images/s of each, and each one's time
+over PyTorch eager's ("JAX time / PyTorch eager time": below 1, JAX is faster); --json PATH writes
+the figures.
 """
 
 import argparse
+import json
+import os
+import platform
 import time
 
 import jax
@@ -20,7 +25,8 @@ from vit_jax import augment
 from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import PRESETS, TrainConfig
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import UserError, cli, reason
+from vit_jax.workdir import atomic_open
 
 MEAN = torch.tensor(augment.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(augment.STD).view(1, 3, 1, 1)
@@ -79,18 +85,32 @@ def bench(preset: str, batch_size: int, steps: int, warmup: int, compile: bool =
     # PyTorch goes where JAX is: the GPU when both have one, else the CPU.
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     out = {"preset": preset, "batch_size": batch_size, "jax_device": jax.devices()[0].device_kind,
-           "torch_device": device, "torch_threads": torch.get_num_threads()}
+           "torch_device": device, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
+           "torch_version": torch.__version__}
     out["jax"] = jax_bench.run(preset, batch_size, "float32", steps, warmup, None)
     out["torch_eager"] = time_torch(preset, batch_size, steps, warmup, False, device)
     if not compile:
         out["torch_compile"] = "n/a: --no-compile"
-        return out
-    try:
-        out["torch_compile"] = time_torch(preset, batch_size, steps, warmup, True, device)
-    except Exception as e:  # inductor fails in many ways (no compiler, unsupported op); all mean n/a
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        out["torch_compile"] = f"n/a: {type(e).__name__}: {reason}"
+    else:
+        try:
+            out["torch_compile"] = time_torch(preset, batch_size, steps, warmup, True, device)
+        except Exception as e:  # inductor fails in many ways (no compiler, unsupported op); all mean n/a
+            out["torch_compile"] = f"n/a: {type(e).__name__}: {reason(e)}"
+    eager = out["torch_eager"]["ms_per_step"]
+    out["jax_over_eager"] = out["jax"]["ms_per_step"] / eager
+    if not isinstance(out["torch_compile"], str):
+        out["torch_compile"]["over_eager"] = out["torch_compile"]["ms_per_step"] / eager
     return out
+
+
+def cpu_name() -> str:
+    """The processor's model name, for reading timings (they are only comparable on one machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 @cli
@@ -102,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the step under torch.compile")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     parser.add_argument("--torch_threads", type=int, default=None,
                         help="PyTorch's CPU threads (default: its own choice, one per core); on a CPU that "
                              "other processes share, 1 can be faster")
@@ -112,20 +133,24 @@ def main(argv=None):
         torch.set_num_threads(a.torch_threads)
     r = bench(a.preset, a.batch_size, a.steps, a.warmup, a.compile)
     print(f"{a.preset} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on {r['jax_device']}, "
-          f"PyTorch on {r['torch_device']} ({r['torch_threads']} threads) | {a.steps} timed steps")
+          f"PyTorch on {r['torch_device']} ({r['torch_threads']} threads) | {a.steps} timed steps | {r['cpu']}")
     print("each step: uint8 batch -> resize, flip, crop, normalize -> forward, backward, AdamW")
-    jax_ips = r["jax"]["images_per_sec"]
-    print(f"  {'JAX (jit)':<24} {jax_ips:>9.1f} images/s  {r['jax']['ms_per_step']:>9.1f} ms/step  "
-          f"(compile {r['jax']['compile_s']:.1f} s)")
-    for name, label in (("torch_eager", "PyTorch eager"), ("torch_compile", "PyTorch torch.compile")):
-        t = r[name]
-        if isinstance(t, str):
-            print(f"  {label:<24} {t}")
-            continue
-        print(f"  {label:<24} {t['images_per_sec']:>9.1f} images/s  {t['ms_per_step']:>9.1f} ms/step  "
-              f"(first step {t['first_step_s']:.1f} s) | {t['images_per_sec'] / jax_ips:.2f}x JAX")
+    print(f"  {'':<24} {'ms/step':>9}  {'images/s':>9}  time / PyTorch eager time")
+    jax_r, eager = r["jax"], r["torch_eager"]
+    print(f"  {'JAX (jit)':<24} {jax_r['ms_per_step']:>9.1f}  {jax_r['images_per_sec']:>9.1f}  "
+          f"{r['jax_over_eager']:.2f}  (compile {jax_r['compile_s']:.1f} s)")
+    print(f"  {'PyTorch eager':<24} {eager['ms_per_step']:>9.1f}  {eager['images_per_sec']:>9.1f}  1.00")
+    t = r["torch_compile"]
+    if isinstance(t, str):
+        print(f"  {'PyTorch torch.compile':<24} {t}")
+    else:
+        print(f"  {'PyTorch torch.compile':<24} {t['ms_per_step']:>9.1f}  {t['images_per_sec']:>9.1f}  "
+              f"{t['over_eager']:.2f}  (first step {t['first_step_s']:.1f} s)")
+    print(f"JAX time / PyTorch eager time: {r['jax_over_eager']:.2f}")
+    if a.json:
+        with atomic_open(a.json) as f:
+            json.dump(r, f, indent=2)
     return r
-
 
 if __name__ == "__main__":
     main()

@@ -4,18 +4,33 @@ import os
 import subprocess
 import sys
 
+from vit_jax import bench
+from vit_jax.config import PRESETS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_prints_figures_without_tensorflow():
+def test_bench_prints_figures_and_the_breakdown_without_tensorflow():
     code = ("import sys; from vit_jax import bench; "
-            "r = bench.main(['--preset', 'test', '--batch_size', '16', '--steps', '3', '--warmup', '1']); "
+            "r = bench.main(['--preset', 'test', '--batch_size', '16', '--steps', '3', '--warmup', '1', '--breakdown']); "
             "assert r['images_per_sec'] > 0 and r['tflops_per_step'] > 0 and r['compile_s'] > 0, r; "
+            "assert r['memory_bytes'] > 0 and all(v > 0 for k, v in r['breakdown_ms'].items() if k != 'backward'), r; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'torch')]")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    for label in ("compile:", "first step at:", "images/s", "FLOPs per step:", "MFU:"):
+    for label in ("compile:", "first step at:", "images/s", "FLOPs per step:", "MFU:", "step memory:",
+                  "augmentation", "forward", "backward", "optimizer update", "the whole step, fused"):
         assert label in run.stdout, label
+
+
+def test_flops_counted_from_the_shapes():
+    """The seed model by hand: 196 patches of 16x16x3 -> 384, 197 tokens through 6 blocks, 10 classes."""
+    t, d, m = 197, 384, 1536
+    per_block = 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * m
+    forward = 2 * 196 * 768 * d + 6 * per_block + 2 * d * 10
+    assert bench.forward_flops(PRESETS["seed"]) == forward
+    assert bench.train_flops(PRESETS["seed"], 64) == 3 * 64 * forward
+    assert round(bench.train_flops(PRESETS["seed"], 64) / 1e9) == 894  # XLA's cost analysis: ~900
 
 
 def test_bench_refuses_bad_batch_size():

@@ -256,11 +256,17 @@ def test_compare_refuses_a_checkpoint_of_another_preset(tmp_path, capsys):
 # bench -------------------------------------------------------------------------------------------
 
 
-def test_bench_prints_both_and_their_ratio(capsys):
-    r = bench.main(["--preset", "test", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--no-compile"])
+def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
+    out_json = str(tmp_path / "bench.json")
+    r = bench.main(["--preset", "test", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--no-compile",
+                    "--json", out_json])
     out = capsys.readouterr().out
     assert r["jax"]["images_per_sec"] > 0 and r["torch_eager"]["images_per_sec"] > 0
-    assert "x JAX" in out and "n/a: --no-compile" in out
+    assert r["jax_over_eager"] == r["jax"]["ms_per_step"] / r["torch_eager"]["ms_per_step"]
+    assert f"JAX time / PyTorch eager time: {r['jax_over_eager']:.2f}" in out and "n/a: --no-compile" in out
+    with open(out_json) as f:
+        saved = json.load(f)
+    assert saved["jax_over_eager"] == r["jax_over_eager"] and saved["cpu"] and "torch_eager" in saved
 
 
 def test_torch_augment_matches_the_jax_preprocessing_without_the_random_part():

@@ -1,8 +1,11 @@
-"""Benchmark of the train step: `python -m vit_jax.bench --preset P --batch_size B [--dtype D]`.
+"""Benchmark of the train step: `python -m vit_jax.bench --preset P --batch_size B [--dtype D] [--breakdown]`.
 
-Prints compile time, time to the first step, ms per step and images/s after warm-up, and the model
-FLOP utilization (FLOPs from XLA's cost analysis of the compiled step, against the device's peak).
-Random uint8 batches of the right shape stand in for data: no dataset, no TensorFlow, no tfds.
+Prints compile time, time to the first step, ms per step and images/s after warm-up, the compiled
+step's memory, and the model FLOP utilization: FLOPs counted from the model's shapes (`train_flops`)
+over the device's peak. (XLA's own count, from its cost analysis, is printed beside it; it cannot see
+inside cuDNN's fused attention.) `--breakdown` also times the step's parts alone: augmentation,
+forward, backward and the optimizer update. Random uint8 batches stand in for data: no dataset,
+no TensorFlow, no tfds.
 """
 
 import argparse
@@ -11,12 +14,13 @@ import time
 
 import jax
 import numpy as np
+import optax
 
-from vit_jax import step
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax import augment, step
+from vit_jax.config import PRESETS, ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError, cli
-from vit_jax.model import count_params
+from vit_jax.model import attention_implementation, count_params
 
 # Dense peak TFLOP/s per device by (device kind substring, dtype). float32 matmuls on these GPUs run
 # on TF32 tensor cores under XLA's default precision, so their float32 peak is the TF32 one.
@@ -36,25 +40,65 @@ def peak_tflops(device, dtype: str):
     return None
 
 
-def step_flops(compiled) -> float:
+def forward_flops(cfg: ModelConfig) -> float:
+    """FLOPs of one image's forward pass (a multiply-add counts 2): the matmuls and the attention
+    products, from the model's shapes. Norms, activations and softmax are left out, as usual."""
+    tokens, d, hidden = cfg.num_patches + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    patch_embed = 2 * cfg.num_patches * (cfg.patch_size ** 2 * 3) * d
+    block = (2 * tokens * d * 3 * d  # qkv
+             + 2 * 2 * tokens * tokens * d  # q.k and attention.v, over all heads
+             + 2 * tokens * d * d  # proj
+             + 2 * 2 * tokens * d * hidden)  # fc1, fc2
+    return patch_embed + cfg.depth * block + 2 * d * cfg.num_classes
+
+
+def train_flops(cfg: ModelConfig, batch_size: int) -> float:
+    """FLOPs of one training step: forward and backward, the backward counted twice the forward."""
+    return 3 * batch_size * forward_flops(cfg)
+
+
+def xla_flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):  # older jax: one dict per computation
         analysis = analysis[0]
     return float((analysis or {}).get("flops", 0.0))
 
 
-def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None) -> dict:
+def memory_bytes(compiled) -> int | None:
+    """The compiled step's device memory: its arguments, outputs and temporaries (donated buffers once)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _seconds_per_call(fn, args, steps: int, warmup: int) -> float:
+    """Mean seconds of fn(*args) after warm-up, waiting for the device (inputs are not donated)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps
+
+
+def _random_batch(batch_size: int):
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, batch_size).astype(np.int32), np.ones(batch_size, np.float32))
+
+
+def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None,
+        attention: str = "auto") -> dict:
     """Times the train step; first_step_s counts from this call (state, compile, first step)."""
     started = time.perf_counter()
-    model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype).validate()
+    model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, attention=attention).validate()
     cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
     parallel = DataParallel.create(batch_size)
     state = parallel.replicate(step.create_train_state(model_cfg, cfg, steps_per_epoch=782))
     metrics = parallel.replicate(step.zero_metrics())
-    rng = np.random.default_rng(0)
-    batch = parallel.put_batch(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
-                               rng.integers(0, 10, batch_size).astype(np.int32),
-                               np.ones(batch_size, np.float32))
+    batch = parallel.put_batch(*_random_batch(batch_size))
     key = jax.random.key(0)
     train_fn = step.jit_train_step(parallel, step.Augment(model_cfg.img_size))
 
@@ -74,39 +118,91 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     step_s = (time.perf_counter() - t) / steps
 
     device = jax.local_devices()[0]
-    flops = step_flops(compiled)  # for the whole (global) batch
+    flops = train_flops(model_cfg, batch_size)  # for the whole (global) batch
     peak = peak or peak_tflops(device, dtype)
-    n = jax.local_device_count()
+    n = jax.device_count()
     return {
         "preset": preset, "batch_size": batch_size, "dtype": dtype, "device": f"{n} x {device.device_kind}",
-        "params": count_params(state.params), "compile_s": compile_s, "first_step_s": first_step_s,
-        "ms_per_step": 1e3 * step_s, "images_per_sec": batch_size / step_s,
-        "tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
-        "mfu": flops / step_s / (peak * 1e12 * n) if peak and flops else None,
+        "attention": attention_implementation(model_cfg), "params": count_params(state.params),
+        "compile_s": compile_s, "first_step_s": first_step_s, "ms_per_step": 1e3 * step_s,
+        "images_per_sec": batch_size / step_s, "tflops_per_step": flops / 1e12,
+        "xla_tflops_per_step": xla_flops(compiled) / 1e12, "achieved_tflops": flops / step_s / 1e12,
+        "peak_tflops": peak, "mfu": flops / step_s / (peak * 1e12 * n) if peak else None,
+        "memory_bytes": memory_bytes(compiled),
     }
+
+
+def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int) -> dict:
+    """ms of each part of a step, each jitted alone: augmentation, forward (with the loss), backward
+    (forward and backward, less the forward), optimizer update; and the whole step."""
+    model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype).validate()
+    cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
+    state = step.create_train_state(model_cfg, cfg, steps_per_epoch=782)
+    images, labels, mask = _random_batch(batch_size)
+    key = jax.random.key(0)
+
+    def loss(params, x):
+        logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": key})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    aug = jax.jit(lambda k, im: augment.augment(k, im, model_cfg.img_size))
+    x = aug(key, images)
+    grads = jax.jit(jax.grad(loss))(state.params, x)
+    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, step.Augment(model_cfg.img_size)))
+    ms = {
+        "augmentation": _seconds_per_call(aug, (key, images), steps, warmup),
+        "forward": _seconds_per_call(jax.jit(loss), (state.params, x), steps, warmup),
+        "forward_backward": _seconds_per_call(jax.jit(jax.grad(loss)), (state.params, x), steps, warmup),
+        "optimizer_update": _seconds_per_call(jax.jit(lambda s, g: s.apply_gradients(grads=g)), (state, grads),
+                                              steps, warmup),
+        "whole_step": _seconds_per_call(whole, (state, step.zero_metrics()), steps, warmup),
+    }
+    ms = {k: 1e3 * v for k, v in ms.items()}
+    ms["backward"] = ms["forward_backward"] - ms["forward"]
+    return ms
+
+
+def print_breakdown(ms: dict):
+    parts = ("augmentation", "forward", "backward", "optimizer_update")
+    total = sum(ms[p] for p in parts)
+    print("  where a step's time goes (each part jitted and timed alone):")
+    for p in parts:
+        print(f"    {p.replace('_', ' '):<18} {ms[p]:9.1f} ms  {100 * ms[p] / total:5.1f}%")
+    print(f"    {'sum of the parts':<18} {total:9.1f} ms  (the whole step, fused: {ms['whole_step']:.1f} ms)")
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vit_jax.bench", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=list(PRESETS), default="seed")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after warm-up")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time augmentation, forward, backward and the optimizer update apart")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU (known GPUs are looked up)")
     a = parser.parse_args(argv)
     if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0:
         raise UserError("batch_size and steps must be positive, warmup non-negative")
-    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops)
+    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
-    print(f"{r['preset']} ({r['params']:,} params) | batch {r['batch_size']} | {r['dtype']} | {r['device']}")
+    memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"
+    print(f"{r['preset']} ({r['params']:,} params) | batch {r['batch_size']} | {r['dtype']} | {r['device']} | "
+          f"attention {r['attention']}")
     print(f"  compile:        {r['compile_s']:.2f} s")
     print(f"  first step at:  {r['first_step_s']:.2f} s (state, compile and one step)")
     print(f"  step:           {r['ms_per_step']:.1f} ms  ({r['images_per_sec']:.1f} images/s)")
-    print(f"  FLOPs per step: {1e3 * r['tflops_per_step']:.2f} GFLOP ({r['achieved_tflops']:.3f} TFLOP/s achieved)")
+    print(f"  FLOPs per step: {1e3 * r['tflops_per_step']:.2f} GFLOP from the model's shapes "
+          f"(XLA counts {1e3 * r['xla_tflops_per_step']:.2f}); {r['achieved_tflops']:.3f} TFLOP/s achieved")
     print(f"  MFU:            {mfu}")
+    print(f"  step memory:    {memory} (arguments, outputs and temporaries of the compiled step)")
+    if a.breakdown:
+        r["breakdown_ms"] = breakdown(a.preset, a.batch_size, a.dtype, a.steps, a.warmup)
+        print_breakdown(r["breakdown_ms"])
     return r
 
 
