@@ -5,7 +5,8 @@
 
 The JAX model comes from a workdir's best checkpoint, a PyTorch checkpoint (.pth, which the twin
 loads as it is and the JAX side through the port), or else a fresh random init of --preset. Both
-models see the same CIFAR-10 test images after the same preprocessing, in float32 on the CPU; the
+models see the same CIFAR-10 test images after the same preprocessing, in float32 on the CPU (or with
+--device gpu on the GPU, at the highest matmul precision: no TF32 on either side); the
 table shows how far apart their logits and every named stage are. Exit status 0 when the logits agree
 within the tolerance and every argmax agrees, 1 otherwise, naming the first stage that diverges.
 
@@ -88,8 +89,12 @@ def torch_twin(model_cfg: ModelConfig, params, state_dict=None) -> TorchViT:
     return model.eval()
 
 
-def nchw(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))  # NHWC -> NCHW
+def nchw(x, device="cpu") -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))).to(device)  # NHWC -> NCHW
+
+
+def _device(model: TorchViT) -> torch.device:
+    return next(model.parameters()).device
 
 
 def forward_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, images, labels, batch_size: int,
@@ -101,7 +106,8 @@ def forward_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, images,
         stages_j = jax.device_get(step.infer_jit(model_cfg, flax_params, images[i:i + batch_size], stages=True)["stages"])
         x = augment.preprocess(images[i:i + batch_size], model_cfg.img_size)  # (B, S, S, 3)
         with torch.no_grad():
-            _, stages_t = model(nchw(x), return_stages=True)
+            _, stages_t = model(nchw(x, _device(model)), return_stages=True)
+        stages_t = {name: st.cpu() for name, st in stages_t.items()}
         for name, st in stages_t.items():  # in model order (jax returns dicts sorted by key)
             sj = stages_j[name]
             diff = np.abs(sj - st.numpy())
@@ -166,7 +172,8 @@ def _jax_side(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int):
 
 def _drift(start_params, final_params, model: TorchViT, model_cfg: ModelConfig) -> dict:
     """How far the two sides' parameters parted, against how far training moved them (key biases apart)."""
-    start, final_t = flax_to_torch(start_params, model_cfg), model.state_dict()
+    start = flax_to_torch(start_params, model_cfg)
+    final_t = {name: value.cpu() for name, value in model.state_dict().items()}
     apart_sq = moved_sq = key_bias = 0.0
     max_diff = {}
     for name, final_j in flax_to_torch(final_params, model_cfg).items():
@@ -208,11 +215,11 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
         lr_jax, lr_torch = float(schedule(i)), optimizer.param_groups[0]["lr"]
         params, opt_state, loss_j, grads_j = jax_update(params, opt_state, x, y)
         optimizer.zero_grad()
-        loss_t = F.cross_entropy(model(nchw(x)), torch.from_numpy(y.astype(np.int64)))
+        loss_t = F.cross_entropy(model(nchw(x, _device(model))), torch.from_numpy(y.astype(np.int64)).to(_device(model)))
         loss_t.backward()
         if i == 0:  # the gradients of one batch, before the optimizers' paths can part
             gj = flax_to_torch(grads_j, model_cfg)
-            gt = {n: p.grad for n, p in model.named_parameters()}
+            gt = {n: p.grad.cpu() for n, p in model.named_parameters()}
             grad_rel = _global_norm((gj[n] - gt[n]).numpy() for n in gj) / _global_norm(g.numpy() for g in gj.values())
         optimizer.step()
         if (i + 1) % steps_per_epoch == 0:
@@ -263,6 +270,18 @@ def print_train(t: dict):
           f"(tolerance {t['tolerance']:g}; key biases not judged: their exact gradient is 0, see train_parity)")
 
 
+def _devices(which: str):
+    """(JAX device, PyTorch device) for --device; on a GPU, PyTorch's TF32 shortcuts are turned off too."""
+    if which == "cpu":
+        return jax.devices("cpu")[0], "cpu"
+    if jax.default_backend() != "gpu" or not torch.cuda.is_available():
+        raise UserError(f"--device gpu needs a GPU that both JAX ({jax.default_backend()}) and PyTorch "
+                        f"(cuda {'found' if torch.cuda.is_available() else 'not found'}) can use")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return jax.devices()[0], "cuda"
+
+
 @cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -282,15 +301,17 @@ def main(argv=None) -> int:
                              f"PyTorch side (a state_dict key, e.g. blocks.0.attn.qkv.weight); the "
                              f"comparison must fail")
     parser.add_argument("--train_steps", type=int, default=0, help="also train both for N steps")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="where both sides compute, at the highest float32 precision (default: cpu)")
     parser.add_argument("--steps_per_epoch", type=int, default=5,
                         help="epoch length for the schedules of --train_steps (short, so the rate moves)")
     a = parser.parse_args(argv)
     if a.num_images <= 0 or a.batch_size <= 0 or a.train_steps < 0 or a.steps_per_epoch <= 0:
         raise UserError("num_images, batch_size and steps_per_epoch must be positive, train_steps non-negative")
 
-    cpu = jax.devices("cpu")[0]
+    jax_device, torch_device = _devices(a.device)
     # float32 everywhere, at full precision: on a GPU, XLA would otherwise use TF32 matmuls.
-    with jax.default_device(cpu), jax.default_matmul_precision("highest"):
+    with jax.default_device(jax_device), jax.default_matmul_precision("highest"):
         model_cfg, params, state_dict, source, cfg = restore(a)
         model_cfg = dataclasses.replace(model_cfg, dtype="float32")
         cfg = dataclasses.replace(cfg, schedule="epoch_cosine", warmup_epochs=0.0)  # what torch mirrors
@@ -299,7 +320,7 @@ def main(argv=None) -> int:
                             f"of {a.steps_per_epoch} steps: raise --steps_per_epoch")
         preset = preset_of(model_cfg)
         tolerance = a.tolerance or TOLERANCE.get(preset, DEFAULT_TOLERANCE)
-        model = torch_twin(model_cfg, params, state_dict)
+        model = torch_twin(model_cfg, params, state_dict).to(torch_device)
         if a.perturb:
             weights = dict(model.named_parameters())
             if a.perturb not in weights:
@@ -314,7 +335,7 @@ def main(argv=None) -> int:
         print(f"JAX: {source}; model {preset or 'custom'} ({model_cfg.img_size}px, patch {model_cfg.patch_size}, "
               f"embed {model_cfg.embed_dim}, depth {model_cfg.depth})")
         print(f"PyTorch twin: the same weights{f', with {a.perturb} perturbed' if a.perturb else ''}; "
-              f"{len(images)} CIFAR-10 test images, float32 on the CPU\n")
+              f"{len(images)} CIFAR-10 test images, float32 on the {a.device.upper()}\n")
         result = {"source": source, "preset": preset, "config": dataclasses.asdict(model_cfg),
                   "num_images": len(images)}
         result.update(forward_parity(params, model, model_cfg, images, labels, a.batch_size, tolerance))
