@@ -123,26 +123,33 @@ class VisionTransformer(nn.Module):
     """Twin of vit_jax.model.VisionTransformer. Input: float images (B, 3, H, W), normalized.
 
     Built as timm's is, `VisionTransformer(img_size=224, patch_size=16, num_classes=10, embed_dim=384,
-    depth=6, num_heads=6)`, or from the same config object as the Flax model: `from_config(PRESETS[p])`.
+    depth=6, num_heads=6)` (and `global_pool='avg', class_token=False` for the mean of the patch
+    tokens through fc_norm), or from the same config object as the Flax model: `from_config(PRESETS[p])`.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 10,
                  embed_dim: int = 384, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, class_token: bool = True,
+                 global_pool: str = "token"):
         super().__init__()
         c = self.config = ModelConfig(
             img_size=img_size, patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate).validate()
+            num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            class_token=class_token, global_pool=global_pool).validate()
         self.patch_embed = PatchEmbed(c)
-        self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, c.embed_dim), std=0.02))
-        self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, c.num_patches + 1, c.embed_dim), std=0.02))
+        if c.class_token:
+            self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, c.embed_dim), std=0.02))
+        self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, c.num_tokens, c.embed_dim), std=0.02))
         self.pos_drop = nn.Dropout(c.drop_rate)
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
         self.blocks = nn.ModuleList([Block(c, drop_path=r) for r in rates])
-        self.norm = nn.LayerNorm(c.embed_dim, eps=LN_EPS)
+        if c.global_pool == "avg":
+            self.fc_norm = nn.LayerNorm(c.embed_dim, eps=LN_EPS)
+        else:
+            self.norm = nn.LayerNorm(c.embed_dim, eps=LN_EPS)
         self.head = nn.Linear(c.embed_dim, c.num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Linear):  # timm's init, and the Flax side's dense_init
+            if isinstance(m, nn.Linear):  # timm's init, and the Flax side's trunc_init
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
@@ -154,22 +161,29 @@ class VisionTransformer(nn.Module):
         return cls(**fields)
 
     def forward_features(self, x):
-        """Images -> final-norm tokens (B, N+1, D), and the named stages along the way."""
+        """Images -> tokens (B, T, D) after the blocks (and the final norm, with the class token's
+        pooling), and the named stages along the way."""
         stages = {}
         x = self.patch_embed(x)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
+        if self.config.class_token:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
+        x = x + self.pos_embed
         x = stages["embed"] = self.pos_drop(x)
         for i, block in enumerate(self.blocks):
             x = stages[f"block{i:02d}"] = block(x)
-        x = stages["norm"] = self.norm(x)
+        if self.config.global_pool == "token":
+            x = stages["norm"] = self.norm(x)
         return x, stages
 
-    def forward_head(self, x):
-        """Final-norm tokens -> class logits, from the class token."""
-        return self.head(x[:, 0])
+    def forward_head(self, x, stages: dict):
+        """Tokens -> class logits: from the class token, or the normed mean of the patch tokens."""
+        if self.config.global_pool == "avg":
+            x = stages["pool"] = self.fc_norm(x[:, int(self.config.class_token):].mean(dim=1))  # (B, D)
+        else:
+            x = x[:, 0]
+        return self.head(x)
 
     def forward(self, x, return_stages: bool = False):
         x, stages = self.forward_features(x)
-        logits = stages["logits"] = self.forward_head(x)
+        logits = stages["logits"] = self.forward_head(x, stages)
         return (logits, stages) if return_stages else logits

@@ -48,9 +48,9 @@ class Row:
 STEM = [
     ("patch_embed/proj/kernel", "patch_embed.proj.weight", CONV),
     ("patch_embed/proj/bias", "patch_embed.proj.bias", SAME),
-    ("cls_token", "cls_token", SAME),
-    ("pos_embed", "pos_embed", SAME),
 ]
+CLASS_TOKEN = [("cls_token", "cls_token", SAME)]  # with class_token only
+POSITIONS = [("pos_embed", "pos_embed", SAME)]
 BLOCK = [  # once per block; {i} is its index
     ("blocks_{i}/norm1/scale", "blocks.{i}.norm1.weight", SAME),
     ("blocks_{i}/norm1/bias", "blocks.{i}.norm1.bias", SAME),
@@ -65,9 +65,11 @@ BLOCK = [  # once per block; {i} is its index
     ("blocks_{i}/mlp/fc2/kernel", "blocks.{i}.mlp.fc2.weight", DENSE),
     ("blocks_{i}/mlp/fc2/bias", "blocks.{i}.mlp.fc2.bias", SAME),
 ]
+NORM = {  # by global_pool: the final norm of the tokens, or the norm of their mean
+    "token": [("norm/scale", "norm.weight", SAME), ("norm/bias", "norm.bias", SAME)],
+    "avg": [("fc_norm/scale", "fc_norm.weight", SAME), ("fc_norm/bias", "fc_norm.bias", SAME)],
+}
 HEAD = [
-    ("norm/scale", "norm.weight", SAME),
-    ("norm/bias", "norm.bias", SAME),
     ("head/kernel", "head.weight", DENSE),
     ("head/bias", "head.bias", SAME),
 ]
@@ -76,7 +78,8 @@ HEAD = [
 def table(config: ModelConfig) -> list[Row]:
     """Every parameter of the model, once: Flax path, PyTorch key, transform."""
     blocks = [(f.format(i=i), t.format(i=i), tr) for i in range(config.depth) for f, t, tr in BLOCK]
-    return [Row(*row) for row in STEM + blocks + HEAD]
+    rows = STEM + (CLASS_TOKEN if config.class_token else []) + POSITIONS + blocks + NORM[config.global_pool] + HEAD
+    return [Row(*row) for row in rows]
 
 
 def _permute(shape: tuple, perm) -> tuple:

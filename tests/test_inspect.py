@@ -64,20 +64,22 @@ def test_rollout_by_hand():
     PRESETS["test"],  # 4x4 patches
     ModelConfig(img_size=32, patch_size=4, embed_dim=16, depth=3, num_heads=4, mlp_ratio=1.0),  # 8x8
     ModelConfig(img_size=48, patch_size=16, embed_dim=16, depth=1, num_heads=1, mlp_ratio=1.0),  # 3x3, resized
-], ids=["4x4", "8x8", "3x3"])
+    ModelConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=1.0, class_token=False,
+                global_pool="avg"),  # no class token: the maps read the mean of the tokens
+], ids=["4x4", "8x8", "3x3", "avg"])
 def test_maps_come_from_the_model_and_are_distributions_on_any_patch_grid(cfg, tmp_path):
     params = _random_params(cfg)
     images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
     logits, attn = attention.attention_weights(cfg, params, images)
     g = cfg.img_size // cfg.patch_size
-    assert attn.shape == (cfg.depth, 3, cfg.num_heads, g * g + 1, g * g + 1)
+    assert attn.shape == (cfg.depth, 3, cfg.num_heads, cfg.num_tokens, cfg.num_tokens)
     # The very forward pass that trains: the same logits as a plain apply (predict's).
     np.testing.assert_allclose(logits, predict.predict_logits(cfg, params, images), rtol=1e-5, atol=1e-5)
 
-    maps = attention.rollout(attn)
+    maps = attention.rollout(attn, cfg.class_token)
     assert maps.shape == (3, g, g) and (maps >= 0).all()
     np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-9)
-    heads = attention.cls_attention(attn)
+    heads = attention.head_attention(attn, cfg.class_token)
     assert heads.shape == (3, cfg.num_heads, g, g) and (heads >= 0).all()
     assert (heads.sum(axis=(2, 3)) <= 1 + 1e-6).all()
     assert (attention.upsample(maps, 32) >= 0).all()

@@ -284,3 +284,46 @@ def test_a_mismatched_optimizer_is_caught(random_params, monkeypatch):
     r = compare.train_parity(random_params, compare.torch_twin(CFG, random_params), CFG, TrainConfig(preset="test"),
                              images, labels, steps=4, batch_size=16, steps_per_epoch=2)
     assert r["grad_rel_diff"] <= 1e-5 and not r["passed"]
+
+
+# Pooling without the class token (timm's global_pool='avg', class_token=False) --------------------
+
+POOLED = [dataclasses.replace(CFG, class_token=False, global_pool="avg"),
+          dataclasses.replace(CFG, global_pool="avg")]
+
+
+@pytest.mark.parametrize("cfg", POOLED, ids=["avg", "avg+cls"])
+def test_pooled_models_agree_and_port_with_timms_keys(cfg):
+    model = TorchViT(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                     class_token=cfg.class_token, global_pool="avg")  # timm's constructor arguments
+    assert model.config == cfg
+    keys = {k for k in model.state_dict() if not k.startswith("blocks.")}
+    assert keys == {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "fc_norm.weight",
+                    "fc_norm.bias", "head.weight", "head.bias"} | ({"cls_token"} if cfg.class_token else set())
+    assert model.state_dict()["pos_embed"].shape == (1, 16 + cfg.class_token, 32)
+    params = port.torch_to_flax(model.state_dict(), cfg)
+    assert count_params(params) == sum(t.numel() for t in model.state_dict().values())
+    jax.tree.map(np.testing.assert_array_equal, port.torch_to_flax(port.flax_to_torch(params, cfg), cfg), params)
+    stages_j, stages_t = _both(params, _images(8), cfg)
+    assert list(stages_t) == ["embed", "block00", "block01", "pool", "logits"]
+    for name in stages_t:
+        np.testing.assert_allclose(stages_t[name], stages_j[name], rtol=0, atol=TOL, err_msg=name)
+
+
+def test_avg_pooling_is_the_mean_of_the_patch_tokens_through_fc_norm():
+    cfg = POOLED[1]  # with a class token, which the mean leaves out
+    params = init_params(cfg, jax.random.key(0))
+    x = _images(2)
+    logits, stages = FlaxViT(cfg).apply({"params": params}, x, return_stages=True)
+    tokens = np.asarray(stages["block01"])[:, 1:]  # (B, 16, D), the class token left out
+    mean = tokens.mean(axis=1)
+    normed = (mean - mean.mean(-1, keepdims=True)) / np.sqrt(mean.var(-1, keepdims=True) + 1e-6)
+    pooled = normed * np.asarray(params["fc_norm"]["scale"]) + np.asarray(params["fc_norm"]["bias"])
+    np.testing.assert_allclose(stages["pool"], pooled, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, pooled @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_class_token_is_needed_for_token_pooling():
+    with pytest.raises(UserError, match="global_pool token reads the class token"):
+        dataclasses.replace(CFG, class_token=False).validate()

@@ -43,7 +43,7 @@ def peak_tflops(device, dtype: str):
 def forward_flops(cfg: ModelConfig) -> float:
     """FLOPs of one image's forward pass (a multiply-add counts 2): the matmuls and the attention
     products, from the model's shapes. Norms, activations and softmax are left out, as usual."""
-    tokens, d, hidden = cfg.num_patches + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    tokens, d, hidden = cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     patch_embed = 2 * cfg.num_patches * (cfg.patch_size ** 2 * 3) * d
     block = (2 * tokens * d * 3 * d  # qkv
              + 2 * 2 * tokens * tokens * d  # q.k and attention.v, over all heads

@@ -32,6 +32,9 @@ class ModelConfig:
     mlp_ratio: float = field(4.0, "MLP hidden width / embed_dim")
     drop_rate: float = field(0.0, "dropout after the embedding, attention projection and MLP")
     drop_path_rate: float = field(0.0, "stochastic depth, rising linearly to this in the last block")
+    class_token: bool = field(True, "prepend a learned class token (timm's class_token)")
+    global_pool: str = field("token", "what the head reads: token (the class token after the final norm) or avg "
+                                      "(the mean of the patch tokens, then its own norm: timm's global_pool='avg')")
     dtype: str = field("float32", "compute dtype (parameters stay float32): float32 or bfloat16")
     attention: str = field("auto", "attention kernel: auto (cuDNN's fused attention on an NVIDIA GPU in "
                                    "bfloat16, else XLA's), xla or cudnn", resumable=True)
@@ -39,6 +42,11 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Patches, and the class token if there is one."""
+        return self.num_patches + int(self.class_token)
 
     def validate(self) -> "ModelConfig":
         for name in ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads"):
@@ -59,6 +67,10 @@ class ModelConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.global_pool not in ("token", "avg"):
+            raise UserError(f"global_pool must be token or avg, got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise UserError("global_pool token reads the class token: use --global_pool avg with --no-class_token")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise UserError(f"attention must be auto, xla or cudnn, got {self.attention!r}")
         return self

@@ -108,40 +108,57 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token (Dosovitskiy et al. 2021). Input: float images (B, H, W, 3), normalized."""
+    """ViT (Dosovitskiy et al. 2021). Input: float images (B, H, W, 3), normalized.
+
+    As timm's: with a class token whose final-norm output the head reads (global_pool 'token'), or,
+    with global_pool 'avg', the mean of the patch tokens through its own norm (fc_norm; no final
+    norm), with or without a class token.
+    """
 
     config: ModelConfig
 
     def setup(self):
         c = self.config
         self.patch_embed = PatchEmbed(c)
-        self.cls_token = self.param("cls_token", trunc_init, (1, 1, c.embed_dim))
-        self.pos_embed = self.param("pos_embed", trunc_init, (1, c.num_patches + 1, c.embed_dim))
+        if c.class_token:
+            self.cls_token = self.param("cls_token", trunc_init, (1, 1, c.embed_dim))
+        self.pos_embed = self.param("pos_embed", trunc_init, (1, c.num_tokens, c.embed_dim))
         self.pos_drop = nn.Dropout(c.drop_rate)
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
         self.blocks = [Block(c, drop_path=r) for r in rates]  # named blocks_0, blocks_1, ...
-        self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
+        if c.global_pool == "avg":
+            self.fc_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
+        else:
+            self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
         self.head = nn.Dense(c.num_classes, dtype=c.dtype, kernel_init=trunc_init)
 
     def forward_features(self, x, train: bool = False):
-        """Images -> final-norm tokens (B, N+1, D), and the named stages along the way."""
+        """Images -> tokens (B, T, D) after the blocks (and the final norm, with the class token's
+        pooling), and the named stages along the way."""
         stages = {}
         x = self.patch_embed(x.astype(self.config.dtype))  # (B, N, D)
-        cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)  # (B, N+1, D)
+        if self.config.class_token:
+            cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+            x = jnp.concatenate([cls, x], axis=1)  # (B, N+1, D)
+        x = x + self.pos_embed.astype(x.dtype)
         x = stages["embed"] = self.pos_drop(x, deterministic=not train)
         for i, block in enumerate(self.blocks):
             x = stages[f"block{i:02d}"] = block(x, deterministic=not train)
-        x = stages["norm"] = self.norm(x)
+        if self.config.global_pool == "token":
+            x = stages["norm"] = self.norm(x)
         return x, stages
 
-    def forward_head(self, x):
-        """Final-norm tokens -> class logits (float32), from the class token."""
-        return self.head(x[:, 0]).astype(jnp.float32)
+    def forward_head(self, x, stages: dict):
+        """Tokens -> class logits (float32): from the class token, or the normed mean of the patch tokens."""
+        if self.config.global_pool == "avg":
+            x = stages["pool"] = self.fc_norm(x[:, int(self.config.class_token):].mean(axis=1))  # (B, D)
+        else:
+            x = x[:, 0]
+        return self.head(x).astype(jnp.float32)
 
     def __call__(self, x, train: bool = False, return_stages: bool = False):
         x, stages = self.forward_features(x, train)
-        logits = stages["logits"] = self.forward_head(x)
+        logits = stages["logits"] = self.forward_head(x, stages)
         return (logits, stages) if return_stages else logits
 
 

@@ -67,7 +67,7 @@ def infer(model_cfg: ModelConfig, params, images, attention: bool = False, stage
 
     The one forward pass of evaluation, prediction, the attention maps and the comparison with the
     PyTorch twin. On request it also returns 'attention', the softmax weights of every block
-    (L, B, H, N+1, N+1), and 'stages', the named intermediate outputs (embed, blockNN, norm, logits).
+    (L, B, H, T, T), and 'stages', the named intermediate outputs (embed, blockNN, norm or pool, logits).
     """
     x = augment.preprocess(images, model_cfg.img_size)
     model = VisionTransformer(model_cfg)
@@ -75,7 +75,7 @@ def infer(model_cfg: ModelConfig, params, images, attention: bool = False, stage
         logits, named = model.apply({"params": params}, x, return_stages=True)
         return {"logits": logits, **({"stages": named} if stages else {})}
     (logits, named), sown = model.apply({"params": params}, x, return_stages=True, mutable=["intermediates"])
-    # Each block sows one (B, H, N+1, N+1) array into a tuple.
+    # Each block sows one (B, H, T, T) array into a tuple.
     weights = [sown["intermediates"][f"blocks_{i}"]["attn"]["attn"][0] for i in range(model_cfg.depth)]
     return {"logits": logits, "attention": jnp.stack(weights), **({"stages": named} if stages else {})}
 

@@ -72,8 +72,8 @@ def visualize(model_cfg, params, images: np.ndarray, names: list[str], out: str,
         guess = f"pred {classes[p.argmax()]} {100 * p.max():.0f}%"
         first = names[b] if true_labels is None else f"true {classes[true_labels[b]]}"
         labels.append(f"{first}\n{guess}")
-    maps = attention.rollout(attn)
-    heads = attention.cls_attention(attn)
+    maps = attention.rollout(attn, model_cfg.class_token)
+    heads = attention.head_attention(attn, model_cfg.class_token)
     draw(images, maps, heads, labels, out, title)
     return {"path": out, "rollout": maps, "heads": heads, "probs": probs}
 

@@ -19,7 +19,8 @@ from vit_jax.model import init_params
 
 CONFIG_KEY = "__config__"
 # Fields that change what the weights mean; dropout rates and the compute dtype do not.
-ARCHITECTURE = ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ARCHITECTURE = ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                "class_token", "global_pool")
 
 
 def shapes(config: ModelConfig) -> dict[str, tuple]:
