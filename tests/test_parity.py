@@ -36,7 +36,7 @@ def trained_params(random_params):
     cfg = TrainConfig(preset="test", lr=3e-3)
     mesh = DataParallel.create(32)
     state = mesh.replicate(step.create_train_state(CFG, cfg, steps_per_epoch=100, params=random_params))
-    train_fn = step.jit_train_step(mesh, step.Augment(CFG.img_size))
+    train_fn = step.jit_train_step(mesh, step.Settings(CFG.img_size))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 32).astype(np.int32)
     images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (32, 32, 32, 3)), 0, 255)

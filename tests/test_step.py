@@ -53,7 +53,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     cfg = TrainConfig(preset="test", lr=3e-3, weight_decay=0.0)
     mesh = DataParallel.create(32)
     state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, steps_per_epoch=100))
-    train_fn = step.jit_train_step(mesh, step.Augment(32))
+    train_fn = step.jit_train_step(mesh, step.Settings(32))
     eval_fn = step.jit_eval_step(mesh, PRESETS["test"])
     batch = _batch(mesh)
 
@@ -74,7 +74,7 @@ def test_padding_examples_carry_no_weight():
     """A batch padded with junk under mask 0 gives the update of the real examples alone."""
     cfg = TrainConfig(preset="test")
     mesh = DataParallel.create(8)
-    train_fn = step.jit_train_step(mesh, step.Augment(32))
+    train_fn = step.jit_train_step(mesh, step.Settings(32))
     images, labels, mask = (np.asarray(a) for a in _batch(mesh, n=8))
     padded_mask = mask.copy()
     padded_mask[6:] = 0

@@ -100,7 +100,7 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     metrics = parallel.replicate(step.zero_metrics())
     batch = parallel.put_batch(*_random_batch(batch_size))
     key = jax.random.key(0)
-    train_fn = step.jit_train_step(parallel, step.Augment(model_cfg.img_size))
+    train_fn = step.jit_train_step(parallel, step.Settings(model_cfg.img_size))
 
     t = time.perf_counter()
     compiled = train_fn.lower(state, metrics, *batch, key).compile()
@@ -148,7 +148,7 @@ def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int)
     aug = jax.jit(lambda k, im: augment.augment(k, im, model_cfg.img_size))
     x = aug(key, images)
     grads = jax.jit(jax.grad(loss))(state.params, x)
-    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, step.Augment(model_cfg.img_size)))
+    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, step.Settings(model_cfg.img_size)))
     ms = {
         "augmentation": _seconds_per_call(aug, (key, images), steps, warmup),
         "forward": _seconds_per_call(jax.jit(loss), (state.params, x), steps, warmup),

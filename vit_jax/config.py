@@ -83,6 +83,9 @@ PRESETS = {
     "cifar": ModelConfig(img_size=32, patch_size=4, embed_dim=256, depth=6, num_heads=4),
     # Tiny, for tests.
     "test": ModelConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    # The fast recipe's model: native 32x32 input, 4x4 patches, narrow, the mean of the tokens to the head.
+    "fast": ModelConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0,
+                        class_token=False, global_pool="avg"),
     # The standard sizes (Dosovitskiy et al. 2021; Touvron et al. 2021 for Ti) at 224/16.
     "vit_ti16": ModelConfig(embed_dim=192, depth=12, num_heads=3),
     "vit_s16": ModelConfig(embed_dim=384, depth=12, num_heads=6),
@@ -94,6 +97,8 @@ PRESETS = {
 class TrainConfig:
     """One training run. Defaults are the PyTorch tutorial's recipe."""
 
+    recipe: str = field("tutorial", "defaults for the run and the model (see RECIPES); every flag overrides",
+                        resumable=True)
     preset: str = field("seed", "architecture preset (see PRESETS); model flags override its fields")
     epochs: int = field(20, "passes over the training split")
     batch_size: int = field(64, "global batch, split over all local devices")
@@ -115,6 +120,13 @@ class TrainConfig:
                           resumable=True)
     train_limit: int | None = field(None, "use only the first N training examples")
     test_limit: int | None = field(None, "use only the first N test examples")
+    label_smoothing: float = field(0.0, "train against (1 - s) one-hot + s / classes (0: plain cross-entropy)")
+    grad_clip: float = field(0.0, "cap the gradients' global norm at this before each update (0: never)")
+    ema_decay: float = field(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999) "
+                                  "and evaluate, keep and export it (0: off)")
+    tta_flip: bool = field(False, "evaluate on each test image and its mirror image, averaging the logits")
+    time_budget: float | None = field(None, "minutes from the command's start to its end: the run measures its "
+                                            "own speed and chooses the epochs that fit (they go to config.json)")
     rotation: float = field(0.0, "random rotation up to this many degrees (the tutorial's tip: 15)")
     color_jitter: float = field(0.0, "random brightness, contrast and saturation of this strength (tip: 0.2)")
     log_every: int = field(100, "print the running loss and accuracy every N batches", resumable=True)
@@ -128,6 +140,8 @@ class TrainConfig:
                               resumable=True)
 
     def validate(self) -> "TrainConfig":
+        if self.recipe not in RECIPES:
+            raise UserError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         for name in ("epochs", "batch_size", "log_every"):
@@ -152,7 +166,32 @@ class TrainConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rotation < 0 or self.color_jitter < 0:
             raise UserError("rotation and color_jitter must be non-negative")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip < 0:
+            raise UserError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise UserError(f"time_budget must be a positive number of minutes, got {self.time_budget}")
         return self
+
+
+# Defaults for the run and, by preset and model fields, the model; a flag given still overrides them.
+RECIPES = {
+    # The PyTorch tutorial's: 224 px, patch 16, batch 64, 20 epochs, AdamW 3e-4 with weight decay 0.1 on
+    # every parameter, cosine stepped per epoch, flip and padded crop. The dataclasses' defaults.
+    "tutorial": {},
+    # The best test accuracy in minutes rather than hours (docs/recipes.md has the runs it was chosen by).
+    "fast": {"preset": "fast", "epochs": 10, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05,
+             "schedule": "cosine", "warmup_epochs": 1.0, "decay_all": False, "label_smoothing": 0.1,
+             "grad_clip": 1.0, "tta_flip": True},
+}
+
+
+def recipe_defaults(name: str) -> tuple["TrainConfig", ModelConfig]:
+    """The configs a recipe gives when no other flag is passed."""
+    return parse_args(["--recipe", name])
 
 
 def resumable(f: dataclasses.Field) -> bool:
@@ -183,8 +222,9 @@ def _add_fields(parser, cls, defaults_none: bool):
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
-        elif f.name == "preset":
-            parser.add_argument("--preset", choices=list(PRESETS), default=default, help=help_text)
+        elif f.name in ("preset", "recipe"):
+            parser.add_argument(f"--{f.name}", choices=list(PRESETS if f.name == "preset" else RECIPES), default=default,
+                                help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=kind.__name__.upper(),
                                 help=help_text)
@@ -205,8 +245,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, description: str = "Train a ViT on CIFAR-10.") -> tuple[TrainConfig, ModelConfig]:
-    """Command line -> validated (TrainConfig, ModelConfig). Unknown flags exit with argparse's message."""
-    args = vars(build_parser(description).parse_args(argv))
+    """Command line -> validated (TrainConfig, ModelConfig). Unknown flags exit with argparse's message.
+
+    --recipe NAME first sets the defaults of the flags it names (run and model alike); the flags
+    given on the command line then override them."""
+    parser = build_parser(description)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
+    parser.set_defaults(**RECIPES[first.parse_known_args(argv)[0].recipe])
+    args = vars(parser.parse_args(argv))
     train = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
     model = model_config(train, **{f.name: args[f.name] for f in dataclasses.fields(ModelConfig)})
     return train, model

@@ -6,7 +6,9 @@ compiled for a `devices.DataParallel` mesh: the batch is sharded, parameters are
 
 import dataclasses
 import functools
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,7 +21,10 @@ from vit_jax.model import VisionTransformer, init_params
 
 
 class TrainState(train_state.TrainState):
-    """params, opt_state and step; `step` counts optimizer updates since the start of training."""
+    """params, opt_state and step (optimizer updates since the start of training), and with
+    --ema_decay the exponential moving average of the params, which evaluation then uses."""
+
+    ema_params: Any = flax.struct.field(default=None)
 
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -44,9 +49,12 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW with the schedule; with --grad_clip, the gradients' global norm is capped first (as
+    torch.nn.utils.clip_grad_norm_ before the optimizer's step)."""
     # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root.
-    return optax.adamw(make_schedule(cfg, steps_per_epoch), b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=cfg.weight_decay, mask=None if cfg.decay_all else decay_mask)
+    adamw = optax.adamw(make_schedule(cfg, steps_per_epoch), b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=cfg.weight_decay, mask=None if cfg.decay_all else decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
 
 
 def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
@@ -55,22 +63,39 @@ def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch
     if params is None:
         params = init_params(model_cfg, jax.random.key(cfg.seed))
     return TrainState.create(apply_fn=VisionTransformer(model_cfg).apply, params=params,
-                             tx=make_optimizer(cfg, steps_per_epoch))
+                             tx=make_optimizer(cfg, steps_per_epoch),
+                             ema_params=jax.tree.map(jnp.copy, params) if cfg.ema_decay else None)
+
+
+def ema_decay(decay: float, step):
+    """The average's decay at update `step` (counted from 1): `decay`, but lower while few updates are
+    in it, (1 + step) / (10 + step), so the first ones are not averaged with the random init."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def eval_params(state: TrainState):
+    """The parameters that evaluation, the best checkpoint and the export use: the average, if kept."""
+    return state.params if state.ema_params is None else state.ema_params
 
 
 # --------------------------------------------------------------------------------------------------
 # Inference
 
 
-def infer(model_cfg: ModelConfig, params, images, attention: bool = False, stages: bool = False) -> dict:
+def infer(model_cfg: ModelConfig, params, images, attention: bool = False, stages: bool = False,
+          tta_flip: bool = False) -> dict:
     """The model at inference: uint8 images (B, 32, 32, 3) -> {'logits': (B, C) float32}.
 
     The one forward pass of evaluation, prediction, the attention maps and the comparison with the
     PyTorch twin. On request it also returns 'attention', the softmax weights of every block
     (L, B, H, T, T), and 'stages', the named intermediate outputs (embed, blockNN, norm or pool, logits).
+    tta_flip: the logits are the mean of the image's and its mirror image's (test-time augmentation).
     """
     x = augment.preprocess(images, model_cfg.img_size)
     model = VisionTransformer(model_cfg)
+    if tta_flip:
+        both = model.apply({"params": params}, jnp.concatenate([x, augment.flip(x)]))  # (2B, C)
+        return {"logits": (both[:len(x)] + both[len(x):]) / 2}
     if not attention:
         logits, named = model.apply({"params": params}, x, return_stages=True)
         return {"logits": logits, **({"stages": named} if stages else {})}
@@ -80,7 +105,7 @@ def infer(model_cfg: ModelConfig, params, images, attention: bool = False, stage
     return {"logits": logits, "attention": jnp.stack(weights), **({"stages": named} if stages else {})}
 
 
-infer_jit = jax.jit(infer, static_argnames=("model_cfg", "attention", "stages"))
+infer_jit = jax.jit(infer, static_argnames=("model_cfg", "attention", "stages", "tta_flip"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,8 +130,17 @@ def _accumulate(metrics: dict, sums: dict) -> dict:
     return {**metrics, **{k: metrics[k] + v for k, v in sums.items()}}
 
 
-def _sums(logits, labels, mask):
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Per-example cross-entropy against one-hot labels, or with label_smoothing s against
+    (1 - s) one-hot + s / C (PyTorch's F.cross_entropy(label_smoothing=s))."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def _sums(logits, labels, mask, label_smoothing: float = 0.0):
+    loss = cross_entropy(logits, labels, label_smoothing)
     return {"loss": jnp.sum(loss * mask), "correct": jnp.sum((logits.argmax(-1) == labels) * mask),
             "count": jnp.sum(mask)}
 
@@ -116,48 +150,62 @@ def _sums(logits, labels, mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Augment:
-    """Static settings of the on-device augmentation."""
+class Settings:
+    """What the jitted steps take as static: augmentation, the loss's smoothing, the average's decay,
+    test-time flipping. `Settings.of(model_cfg, cfg)` reads them off a run's configs."""
+
     img_size: int
     rotation: float = 0.0
     color_jitter: float = 0.0
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    tta_flip: bool = False
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, cfg: TrainConfig) -> "Settings":
+        return cls(model_cfg.img_size, cfg.rotation, cfg.color_jitter, cfg.label_smoothing, cfg.ema_decay,
+                   cfg.tta_flip)
 
 
-def train_step(state: TrainState, metrics: dict, images, labels, mask, key, aug: Augment):
+def train_step(state: TrainState, metrics: dict, images, labels, mask, key, settings: Settings):
     """One AdamW update on a uint8 batch; padding examples (mask 0) carry no weight.
 
     Randomness is a pure function of (key, step), so a resumed run draws what an uninterrupted one would.
     """
     step_key = jax.random.fold_in(key, state.step)
     aug_key, dropout_key = jax.random.split(step_key)
-    x = augment.augment(aug_key, images, aug.img_size, aug.rotation, aug.color_jitter)
+    x = augment.augment(aug_key, images, settings.img_size, settings.rotation, settings.color_jitter)
 
     def loss_fn(params):
         logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": dropout_key})
-        sums = _sums(logits, labels, mask)
+        sums = _sums(logits, labels, mask, settings.label_smoothing)
         return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics = _accumulate(metrics, sums)
     first_bad = (metrics["nonfinite_step"] < 0) & ~jnp.isfinite(sums["loss"])
     metrics["nonfinite_step"] = jnp.where(first_bad, state.step.astype(jnp.int32), metrics["nonfinite_step"])
-    return state.apply_gradients(grads=grads), metrics
+    state = state.apply_gradients(grads=grads)
+    if settings.ema_decay:
+        d = ema_decay(settings.ema_decay, state.step)
+        state = state.replace(ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, state.params))
+    return state, metrics
 
 
-def eval_step(params, metrics: dict, images, labels, mask, model_cfg: ModelConfig):
+def eval_step(params, metrics: dict, images, labels, mask, model_cfg: ModelConfig, tta_flip: bool = False):
     """Adds one batch's loss and correct predictions to the running sums. Needs no optimizer."""
-    return _accumulate(metrics, _sums(infer(model_cfg, params, images)["logits"], labels, mask))
+    return _accumulate(metrics, _sums(infer(model_cfg, params, images, tta_flip=tta_flip)["logits"], labels, mask))
 
 
-def jit_train_step(parallel: DataParallel, aug: Augment):
+def jit_train_step(parallel: DataParallel, settings: Settings):
     """train_step compiled for these devices; the state and running metrics are donated."""
     r = parallel.replicated
-    return jax.jit(functools.partial(train_step, aug=aug), donate_argnums=(0, 1), out_shardings=(r, r))
+    return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0, 1), out_shardings=(r, r))
 
 
-def jit_eval_step(parallel: DataParallel, model_cfg: ModelConfig):
+def jit_eval_step(parallel: DataParallel, model_cfg: ModelConfig, tta_flip: bool = False):
     """eval_step compiled for these devices; the running metrics are donated."""
-    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg), donate_argnums=(1,),
+    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg, tta_flip=tta_flip), donate_argnums=(1,),
                    out_shardings=parallel.replicated)
 
 

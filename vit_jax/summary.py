@@ -14,7 +14,7 @@ import os
 import jax
 
 from vit_jax import plot
-from vit_jax.config import PRESETS, ModelConfig, TrainConfig
+from vit_jax.config import ModelConfig, TrainConfig, parse_args
 from vit_jax.devices import describe_devices
 from vit_jax.errors import cli
 from vit_jax.model import count_params, init_params
@@ -33,15 +33,19 @@ DATA_FILES = [(f"{ANALYSIS}/confusion.csv", "confusion matrix (CSV)"), (REPORT, 
 
 
 def reproduce_command(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
-    """The train command with the flags that differ from the defaults and from the preset."""
-    flags = []
+    """The train command with the flags that differ from its recipe's defaults and from the preset.
+
+    A run whose --time_budget chose its length is given that length (--epochs ...) instead of the
+    budget: on another machine, or another day, the same budget could choose another."""
+    base, _ = parse_args(["--recipe", cfg.recipe])
+    _, base_model = parse_args(["--recipe", cfg.recipe, "--preset", cfg.preset])
+    flags = [_flag("recipe", cfg.recipe)] if cfg.recipe != "tutorial" else []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name == "workdir" or value != f.default:
+        if f.name == "workdir" or (f.name not in ("recipe", "time_budget") and value != getattr(base, f.name)):
             flags.append(_flag(f.name, value))
-    preset = PRESETS.get(cfg.preset, ModelConfig())
     flags += [_flag(f.name, getattr(model_cfg, f.name)) for f in dataclasses.fields(ModelConfig)
-              if getattr(model_cfg, f.name) != getattr(preset, f.name)]
+              if getattr(model_cfg, f.name) != getattr(base_model, f.name)]
     return " ".join(["python -m vit_jax.train", *filter(None, flags)])
 
 
@@ -115,7 +119,7 @@ def render(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig, rows: list[di
     lines += [
         "## Config",
         "",
-        "To reproduce:",
+        "To reproduce" + (f" (its --time_budget {cfg.time_budget:g} chose the length):" if cfg.time_budget else ":"),
         "",
         "```bash",
         reproduce_command(cfg, model_cfg),

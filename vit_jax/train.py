@@ -16,7 +16,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from vit_jax import config as config_lib
+from vit_jax import budget, config as config_lib
 from vit_jax import data, step, summary, tensorboard_log, weights, workdir
 from vit_jax.config import ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel, describe_devices
@@ -61,16 +61,19 @@ class _StopFlag:
         return self.signum is not None
 
 
-def open_workdir(cfg: TrainConfig, model_cfg: ModelConfig):
+def open_workdir(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainConfig:
     """Checks that the run already in the workdir has this run's settings (or, with --fresh, moves it
-    aside), then writes config.json."""
+    aside), then writes config.json. Returns the config to run: a rerun with the same --time_budget
+    keeps the length its first run chose."""
     if cfg.fresh:
         aside = workdir.discard(cfg.workdir)
         if aside:
             print(f"--fresh: moved the previous run's checkpoints and metrics to {aside}")
     elif workdir.has_run(cfg.workdir):
+        cfg = budget.adopt_saved(cfg, workdir.read_config(cfg.workdir)[0])
         workdir.check_same_run(cfg.workdir, cfg, model_cfg)
     workdir.write_config(cfg.workdir, cfg, model_cfg)
+    return cfg
 
 
 def _check_finite(metrics, cfg: TrainConfig, steps_per_epoch: int):
@@ -86,29 +89,32 @@ def _check_finite(metrics, cfg: TrainConfig, steps_per_epoch: int):
 
 def train_and_evaluate(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
     """Trains (or resumes) in cfg.workdir; returns one metrics row per epoch done."""
+    started = budget.process_start()
     workdir.make(cfg.workdir)
     with workdir.lock(cfg.workdir), _StopFlag() as stop:
-        open_workdir(cfg, model_cfg)
-        return _Run(cfg, model_cfg, stop).train()
+        cfg = open_workdir(cfg, model_cfg)
+        return _Run(cfg, model_cfg, stop, started).train()
 
 
 class _Run:
     """One training run: the data, the compiled steps, the state, and the loop over epochs."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, stop: _StopFlag):
-        self.cfg, self.model_cfg, self.stop = cfg, model_cfg, stop
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, stop: _StopFlag, started: float):
+        self.model_cfg, self.stop = model_cfg, stop
         self.parallel = DataParallel.create(cfg.batch_size)
         self.train_x, self.train_y = data.load_split("train", cfg.data_dir, cfg.train_limit, cfg.archive)
         self.test_x, self.test_y = data.load_split("test", cfg.data_dir, cfg.test_limit, cfg.archive)
+        self.settings = step.Settings.of(model_cfg, cfg)
+        self.train_fn = step.jit_train_step(self.parallel, self.settings)
+        self.eval_fn = step.jit_eval_step(self.parallel, model_cfg, cfg.tta_flip)
+        self.key = jax.random.key(cfg.seed)
+        self.params = None if cfg.init_from is None else weights.load(cfg.init_from, model_cfg)
+        if cfg.time_budget and not workdir.has_run(cfg.workdir):
+            cfg = self._plan(cfg, started)
+        self.cfg = cfg
         self.steps_per_epoch = data.num_batches(len(self.train_x), cfg.batch_size)
         self.schedule = step.make_schedule(cfg, self.steps_per_epoch)
-        self.train_fn = step.jit_train_step(self.parallel, step.Augment(model_cfg.img_size, cfg.rotation,
-                                                                        cfg.color_jitter))
-        self.eval_fn = step.jit_eval_step(self.parallel, model_cfg)
-        self.key = jax.random.key(cfg.seed)
-
-        params = None if cfg.init_from is None else weights.load(cfg.init_from, model_cfg)
-        self.state = self.parallel.replicate(step.create_train_state(model_cfg, cfg, self.steps_per_epoch, params))
+        self.state = self._initial_state(cfg)
         self.metrics = self.parallel.replicate(step.zero_metrics())
         self.meta = {"epochs_done": 0, "best_acc": -1.0, "best_epoch": 0, "seconds_in_epoch": 0.0}
         self.ckpts = workdir.Checkpoints(cfg.workdir)
@@ -124,6 +130,26 @@ class _Run:
         self._cpu_clock = None  # for the one CPU warning: when the first step was done
         self._cpu_warned = False
         self.rows = workdir.read_metrics(cfg.workdir, upto=self.meta["epochs_done"])
+
+    def _initial_state(self, cfg: TrainConfig):
+        spe = data.num_batches(len(self.train_x), cfg.batch_size)
+        return self.parallel.replicate(step.create_train_state(self.model_cfg, cfg, spe, self.params))
+
+    def _plan(self, cfg: TrainConfig, started: float) -> TrainConfig:
+        """--time_budget: measures a step and an evaluation batch here, chooses the epochs that fit,
+        says so, and records them in config.json."""
+        state = self._initial_state(cfg)
+        first = next(data.epoch_batches(self.train_x, self.train_y, cfg.batch_size))
+        speed = budget.measure(self.train_fn, self.eval_fn, state, self.parallel.replicate(step.zero_metrics()),
+                               self.parallel.put_batch(*first), self.key, step.eval_params(state),
+                               self.parallel.replicate(step.zero_metrics()))
+        chosen, why = budget.plan(cfg, speed, started, data.num_batches(len(self.train_x), cfg.batch_size),
+                                  data.num_batches(len(self.test_x), cfg.batch_size))
+        print(f"Plan: {why}")
+        if chosen.train_limit is not None:
+            self.train_x, self.train_y = self.train_x[:chosen.train_limit], self.train_y[:chosen.train_limit]
+        workdir.write_config(chosen.workdir, chosen, self.model_cfg)
+        return chosen
 
     def train(self) -> list[dict]:
         cfg, m = self.cfg, self.model_cfg
@@ -201,7 +227,7 @@ class _Run:
     def _evaluate(self, epoch: int, lr: float, t0: float, train_seconds: float) -> dict:
         """The epoch's metrics row: its training sums and the test split's loss and accuracy."""
         train_loss, train_acc = step.means(self.metrics)
-        test_loss, test_acc = step.evaluate(self.eval_fn, self.parallel, self.state.params,
+        test_loss, test_acc = step.evaluate(self.eval_fn, self.parallel, step.eval_params(self.state),
                                             data.epoch_batches(self.test_x, self.test_y, self.cfg.batch_size))
         seconds = time.time() - t0
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
@@ -218,7 +244,7 @@ class _Run:
         self.rows.append(row)
         if row["test_acc"] > self.meta["best_acc"]:
             self.meta.update(best_acc=row["test_acc"], best_epoch=epoch + 1)
-            self.ckpts.save_best(self.state.params, {"epoch": epoch + 1, "test_acc": row["test_acc"],
+            self.ckpts.save_best(step.eval_params(self.state), {"epoch": epoch + 1, "test_acc": row["test_acc"],
                                                      "config": config_lib.to_dict(self.cfg, self.model_cfg)})
             print(f"New best model saved (test acc {row['test_acc']:.2f}%)")
         workdir.write_metrics(self.cfg.workdir, self.rows)

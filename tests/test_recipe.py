@@ -1,0 +1,147 @@
+"""The fast recipe's ingredients, each against a direct computation, and --time_budget."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vit_jax import augment, config as config_lib, step
+from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.devices import DataParallel
+from vit_jax.model import VisionTransformer, init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = PRESETS["test"]
+
+
+def _batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32),
+            np.ones(n, np.float32))
+
+
+def test_recipes_set_defaults_that_flags_override():
+    fast, fast_model = config_lib.parse_args(["--recipe", "fast"])
+    assert fast.preset == "fast" and fast.lr == 2e-3 and fast.label_smoothing == 0.1 and fast.tta_flip
+    assert fast_model == PRESETS["fast"] and fast_model.global_pool == "avg" and not fast_model.class_token
+    cfg, model = config_lib.parse_args(["--recipe", "fast", "--lr", "1e-3", "--no-tta_flip", "--embed_dim", "96"])
+    assert cfg.lr == 1e-3 and not cfg.tta_flip and model.embed_dim == 96 and model.global_pool == "avg"
+    assert config_lib.parse_args([]) == config_lib.recipe_defaults("tutorial")  # the tutorial's, as before
+    assert config_lib.parse_args([])[0] == dataclasses.replace(TrainConfig(), recipe="tutorial")
+    help_text = config_lib.build_parser("x").format_help()
+    for flag in ("--recipe {tutorial,fast}", "--label_smoothing", "--grad_clip", "--ema_decay", "--tta_flip",
+                 "--time_budget", "--global_pool", "--class_token"):
+        assert flag in help_text, flag
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    logits = jax.random.normal(jax.random.key(0), (5, 10))
+    labels = jnp.array([0, 3, 9, 1, 1])
+    s = 0.1
+    targets = np.full((5, 10), s / 10)
+    targets[np.arange(5), labels] += 1 - s
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_allclose(step.cross_entropy(logits, labels, s), -(targets * log_p).sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(step.cross_entropy(logits, labels), -log_p[np.arange(5), labels], rtol=1e-6)
+
+
+def test_grad_clip_scales_the_gradients_to_the_norm_before_adamw():
+    params = {"w": jnp.array([3.0, -4.0]), "b": jnp.array([12.0])}  # global norm 13
+    grads = params
+    clipped = step.make_optimizer(TrainConfig(lr=1e-2, grad_clip=1.0, weight_decay=0.0, epochs=2), 10)
+    plain = step.make_optimizer(TrainConfig(lr=1e-2, weight_decay=0.0, epochs=2), 10)
+    by_hand = jax.tree.map(lambda g: g / 13.0, grads)
+    updates, _ = clipped.update(grads, clipped.init(params), params)
+    expected, _ = plain.update(by_hand, plain.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
+    # Below the cap nothing changes.
+    small = jax.tree.map(lambda g: g / 100.0, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 clipped.update(small, clipped.init(params), params)[0], plain.update(small, plain.init(params), params)[0])
+
+
+def test_ema_follows_its_recurrence_and_is_what_evaluation_uses():
+    cfg = TrainConfig(preset="test", ema_decay=0.9, lr=1e-2)
+    parallel = DataParallel.create(16)
+    state = parallel.replicate(step.create_train_state(CFG, cfg, 10))
+    train_fn = step.jit_train_step(parallel, step.Settings.of(CFG, cfg))
+    batch = parallel.put_batch(*_batch())
+    ema = jax.device_get(state.params)
+    for k in range(1, 5):
+        state, _ = train_fn(state, parallel.replicate(step.zero_metrics()), *batch, jax.random.key(0))
+        d = min(0.9, (1 + k) / (10 + k))
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema_params, ema)
+    assert step.eval_params(state) is state.ema_params
+    plain = step.create_train_state(CFG, TrainConfig(preset="test"), 10)
+    assert plain.ema_params is None and step.eval_params(plain) is plain.params
+
+
+def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
+    params = init_params(CFG, jax.random.key(0))
+    images = _batch(4)[0]
+    x = augment.preprocess(images, 32)
+    apply = lambda inputs: VisionTransformer(CFG).apply({"params": params}, inputs)
+    expected = (apply(x) + apply(x[:, :, ::-1])) / 2
+    np.testing.assert_allclose(step.infer(CFG, params, images, tta_flip=True)["logits"], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected, apply(x), atol=1e-4)  # the mirror images do change the logits
+
+
+def _budget_cmd(archive, workdir, minutes):
+    return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--batch_size", "16", "--log_every",
+            "1000", "--archive", archive, "--workdir", workdir, "--time_budget", str(minutes)]
+
+
+def test_a_time_budget_chooses_the_epochs_ends_in_time_and_a_rerun_keeps_them(tmp_path, cifar_archive):
+    workdir = str(tmp_path / "run")
+    started = time.time()
+    run = subprocess.run(_budget_cmd(cifar_archive, workdir, 1.0), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    took = time.time() - started
+    assert run.returncode == 0, run.stderr
+    assert took <= 1.0 * 60 + 1.0, (took, run.stdout)  # + the start of the interpreter, before the process clock
+    plan = next(line for line in run.stdout.splitlines() if line.startswith("Plan: time budget 1 min"))
+    chosen = json.loads(open(os.path.join(workdir, "config.json")).read())["train"]
+    assert f": {chosen['epochs']} epochs" in plan and chosen["time_budget"] == 1.0 and chosen["epochs"] > 1
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert len(f.readlines()) == chosen["epochs"]
+
+    again = subprocess.run(_budget_cmd(cifar_archive, workdir, 1.0), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "Plan:" not in again.stdout and "Done: best test accuracy" in again.stdout
+    assert json.loads(open(os.path.join(workdir, "config.json")).read())["train"] == chosen
+
+
+def test_an_interrupted_budgeted_run_resumes_with_the_length_it_chose(tmp_path, cifar_archive):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(_budget_cmd(cifar_archive, workdir, 1.0), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("Epoch 2:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    chosen = json.loads(open(os.path.join(workdir, "config.json")).read())["train"]["epochs"]
+    resumed = subprocess.run(_budget_cmd(cifar_archive, workdir, 1.0), cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout and "Plan:" not in resumed.stdout
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == list(range(1, chosen + 1))
+
+
+def test_a_budget_too_short_for_a_single_step_says_so(tmp_path, cifar_archive):
+    run = subprocess.run(_budget_cmd(cifar_archive, str(tmp_path / "run"), 0.01), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--time_budget 0.01 min leaves 0 s" in run.stderr and "give more minutes" in run.stderr

@@ -1,0 +1,105 @@
+"""`--time_budget MINUTES`: as many epochs as fit between the command's start and the budget's end.
+
+A run with a budget first measures itself on this machine: the train step and an evaluation batch,
+each compiled and then timed on a throwaway copy of the state, so the run that follows is exactly
+the run `--epochs N` would be. From those figures and the time already spent (start-up, data,
+compiling), it chooses the epochs (or, if not even one fits, the part of the training split that
+does), prints what it chose and why, and records the choice in config.json, where a resumed run
+finds it.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+
+from vit_jax.config import TrainConfig
+from vit_jax.errors import UserError
+
+SAFETY = 0.97  # of the time left, the part planned: steps vary a little, and a plan must not overrun
+END_SECONDS = 10.0  # for what follows the last epoch: the summary, its curves, closing the checkpoints
+SAVE_SECONDS = 1.0  # per epoch, for the checkpoints (the best and the latest), measured as well below
+
+
+def process_start() -> float:
+    """The wall-clock time this process started at (from /proc on Linux; else the import of this module)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # starttime, field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """What the run measured of itself, in seconds."""
+
+    step: float  # one train step, compiled
+    compile: float  # compiling the train step (the real run compiles it once more)
+    eval_batch: float  # one evaluation batch, compiled
+
+
+def measure(train_fn, eval_fn, state, metrics, batch, key, eval_params, eval_metrics, steps: int = 8) -> Speed:
+    """Times train_fn and eval_fn on copies (both donate their inputs): nothing of the run is touched."""
+    copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+    t = time.perf_counter()
+    s, m = train_fn(copy(state), copy(metrics), *batch, key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    s, m = train_fn(s, m, *batch, key)  # a step after compiling, not timed: caches warm up
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(steps):
+        s, m = train_fn(s, m, *batch, key)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - t) / steps
+    em = eval_fn(eval_params, copy(eval_metrics), *batch)
+    jax.block_until_ready(em)
+    t = time.perf_counter()
+    for _ in range(3):
+        em = eval_fn(eval_params, em, *batch)
+    jax.block_until_ready(em)
+    return Speed(step=step_s, compile=compile_s, eval_batch=(time.perf_counter() - t) / 3)
+
+
+def plan(cfg: TrainConfig, speed: Speed, started: float, train_batches: int, eval_batches: int) -> tuple[TrainConfig, str]:
+    """The run's config with the epochs (and if need be train_limit) that fit, and why, in words."""
+    left = cfg.time_budget * 60 - (time.time() - started) - speed.compile - END_SECONDS
+    usable = max(left, 0.0) * SAFETY
+    eval_s = eval_batches * speed.eval_batch
+    epoch_s = train_batches * speed.step + eval_s + SAVE_SECONDS
+    epochs = int(usable // epoch_s)
+    why = (f"time budget {cfg.time_budget:g} min: {time.time() - started:.0f} s gone (start-up, data, compiling, "
+           f"measuring); a step takes {speed.step:.3f} s ({train_batches} per epoch: {train_batches * speed.step:.0f} s), "
+           f"evaluation {eval_s:.1f} s, so an epoch {epoch_s:.0f} s; {usable:.0f} s are planned "
+           f"({SAFETY:.0%} of what is left after compiling again and {END_SECONDS:.0f} s for the end)")
+    if epochs >= 1:
+        warmup = min(cfg.warmup_epochs, epochs / 2)
+        chosen = dataclasses.replace(cfg, epochs=epochs, warmup_epochs=warmup)
+        return chosen, f"{why}: {epochs} epoch{'s' * (epochs != 1)}" + (
+            f", warm-up shortened to {warmup:g} epochs" if warmup != cfg.warmup_epochs else "")
+    steps = int((usable - eval_s - SAVE_SECONDS) // speed.step)
+    if steps < 1:
+        raise UserError(f"--time_budget {cfg.time_budget:g} min leaves {max(left, 0):.0f} s after start-up and "
+                        f"compiling, not enough for a step and an evaluation (an epoch takes {math.ceil(epoch_s)} s "
+                        f"here): give more minutes")
+    limit = steps * cfg.batch_size
+    chosen = dataclasses.replace(cfg, epochs=1, train_limit=min(limit, cfg.train_limit or limit), warmup_epochs=0.0)
+    return chosen, (f"{why}: less than one epoch fits, so 1 epoch of the first {chosen.train_limit:,} training "
+                    f"images ({steps} of {train_batches} batches)")
+
+
+def adopt_saved(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
+    """A rerun of a run with the same budget keeps the length that run chose (from its config.json)."""
+    if cfg.time_budget is None or saved.time_budget != cfg.time_budget:
+        return cfg
+    return dataclasses.replace(cfg, epochs=saved.epochs, train_limit=saved.train_limit,
+                               warmup_epochs=saved.warmup_epochs)
