@@ -95,3 +95,31 @@ def test_batch_that_devices_cannot_split_is_refused(monkeypatch):
     monkeypatch.setattr(jax, "local_device_count", lambda: 8)
     with pytest.raises(UserError, match="multiple of 8"):
         DataParallel.create(60)
+
+
+def test_gradient_accumulation_gives_the_updates_of_the_whole_batch():
+    """--grad_accum 4: four micro-batches of 8 through the model, one update; the same parameters and
+    running sums as one batch of 32, step after step, to float32 rounding."""
+    results = {}
+    for k in (1, 4):
+        cfg = TrainConfig(preset="test", lr=3e-3, grad_accum=k, batch_size=32)
+        mesh = DataParallel.create(32)
+        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, steps_per_epoch=100))
+        train_fn = step.jit_train_step(mesh, step.Settings.of(PRESETS["test"], cfg))
+        metrics = mesh.replicate(step.zero_metrics())
+        images, labels, mask = (np.array(a) for a in _batch(mesh))
+        mask[-3:] = 0  # padding, which must weigh nothing in either
+        for i in range(5):
+            state, metrics = train_fn(state, metrics, *mesh.put_batch(images, labels, mask), jax.random.key(i))
+        results[k] = jax.device_get((state.params, metrics))
+    (params_1, metrics_1), (params_4, metrics_4) = results[1], results[4]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_4), jax.tree.leaves(params_1)):
+        if len(path) > 1 and path[-2].key == "qkv" and path[-1].key == "bias":
+            # The key biases' exact gradient is 0 (softmax ignores what they add to all of a query's
+            # logits alike), so Adam turns rounding noise into steps of ~lr: compare q and v only.
+            d = a.shape[0] // 3
+            a, b = np.concatenate([a[:d], a[2 * d:]]), np.concatenate([b[:d], b[2 * d:]])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    for name in ("loss", "correct", "count"):
+        np.testing.assert_allclose(metrics_4[name], metrics_1[name], rtol=1e-5)
+    assert float(metrics_4["count"]) == 5 * 29

@@ -90,17 +90,17 @@ def _random_batch(batch_size: int):
 
 
 def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None,
-        attention: str = "auto") -> dict:
+        attention: str = "auto", grad_accum: int = 1) -> dict:
     """Times the train step; first_step_s counts from this call (state, compile, first step)."""
     started = time.perf_counter()
     model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, attention=attention).validate()
-    cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
+    cfg = TrainConfig(preset=preset, batch_size=batch_size, grad_accum=grad_accum).validate()
     parallel = DataParallel.create(batch_size)
     state = parallel.replicate(step.create_train_state(model_cfg, cfg, steps_per_epoch=782))
     metrics = parallel.replicate(step.zero_metrics())
     batch = parallel.put_batch(*_random_batch(batch_size))
     key = jax.random.key(0)
-    train_fn = step.jit_train_step(parallel, step.Settings(model_cfg.img_size))
+    train_fn = step.jit_train_step(parallel, step.Settings.of(model_cfg, cfg))
 
     t = time.perf_counter()
     compiled = train_fn.lower(state, metrics, *batch, key).compile()
@@ -122,7 +122,8 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     peak = peak or peak_tflops(device, dtype)
     n = jax.device_count()
     return {
-        "preset": preset, "batch_size": batch_size, "dtype": dtype, "device": f"{n} x {device.device_kind}",
+        "preset": preset, "batch_size": batch_size, "grad_accum": grad_accum, "dtype": dtype,
+        "device": f"{n} x {device.device_kind}",
         "attention": attention_implementation(model_cfg), "params": count_params(state.params),
         "compile_s": compile_s, "first_step_s": first_step_s, "ms_per_step": 1e3 * step_s,
         "images_per_sec": batch_size / step_s, "tflops_per_step": flops / 1e12,
@@ -179,6 +180,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
+    parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per update (see vit_jax.train)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after warm-up")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true",
@@ -188,10 +190,11 @@ def main(argv=None):
     a = parser.parse_args(argv)
     if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0:
         raise UserError("batch_size and steps must be positive, warmup non-negative")
-    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention)
+    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"
-    print(f"{r['preset']} ({r['params']:,} params) | batch {r['batch_size']} | {r['dtype']} | {r['device']} | "
+    accum = f" in {a.grad_accum} micro-batches" if a.grad_accum > 1 else ""
+    print(f"{r['preset']} ({r['params']:,} params) | batch {r['batch_size']}{accum} | {r['dtype']} | {r['device']} | "
           f"attention {r['attention']}")
     print(f"  compile:        {r['compile_s']:.2f} s")
     print(f"  first step at:  {r['first_step_s']:.2f} s (state, compile and one step)")

@@ -101,7 +101,9 @@ class TrainConfig:
                         resumable=True)
     preset: str = field("seed", "architecture preset (see PRESETS); model flags override its fields")
     epochs: int = field(20, "passes over the training split")
-    batch_size: int = field(64, "global batch, split over all local devices")
+    batch_size: int = field(64, "global batch, split over all devices of all processes")
+    grad_accum: int = field(1, "average the gradients of this many micro-batches of batch_size / grad_accum per "
+                               "update: the memory of the smaller batch, the result of the whole one")
     lr: float = field(3e-4, "peak learning rate of AdamW")
     weight_decay: float = field(0.1, "AdamW's decoupled weight decay")
     schedule: str = field("epoch_cosine", "epoch_cosine: PyTorch's CosineAnnealingLR stepped per epoch; "
@@ -138,13 +140,21 @@ class TrainConfig:
                         resumable=True)
     tensorboard: bool = field(False, "also write the scalars as TensorBoard event files in WORKDIR/tensorboard",
                               resumable=True)
+    coordinator_address: str | None = field(None, "many processes: HOST:PORT of process 0, which coordinates "
+                                                   "(default: $JAX_COORDINATOR_ADDRESS)", resumable=True)
+    num_processes: int | None = field(None, "many processes: how many take part (default: $JAX_NUM_PROCESSES, or "
+                                            "what SLURM or Open MPI says, else 1); a resumed run needs the same")
+    process_id: int | None = field(None, "many processes: this one's index, 0 to num_processes - 1 (default: "
+                                         "$JAX_PROCESS_ID, or the cluster's)", resumable=True)
+    heartbeat_timeout: int = field(60, "many processes: seconds without a sign of life after which the others stop",
+                                   resumable=True)
 
     def validate(self) -> "TrainConfig":
         if self.recipe not in RECIPES:
             raise UserError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("epochs", "batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "log_every", "grad_accum", "heartbeat_timeout"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -172,6 +182,13 @@ class TrainConfig:
             raise UserError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"batch_size {self.batch_size} cannot be split into {self.grad_accum} micro-batches: "
+                            f"use a multiple of {self.grad_accum}")
+        if self.num_processes is not None and self.num_processes <= 0:
+            raise UserError(f"num_processes must be positive, got {self.num_processes}")
+        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or 1):
+            raise UserError(f"process_id must be in 0..num_processes - 1, got {self.process_id}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise UserError(f"time_budget must be a positive number of minutes, got {self.time_budget}")
         return self

@@ -160,28 +160,36 @@ class Settings:
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
     tta_flip: bool = False
+    grad_accum: int = 1
 
     @classmethod
     def of(cls, model_cfg: ModelConfig, cfg: TrainConfig) -> "Settings":
         return cls(model_cfg.img_size, cfg.rotation, cfg.color_jitter, cfg.label_smoothing, cfg.ema_decay,
-                   cfg.tta_flip)
+                   cfg.tta_flip, cfg.grad_accum)
 
 
 def train_step(state: TrainState, metrics: dict, images, labels, mask, key, settings: Settings):
     """One AdamW update on a uint8 batch; padding examples (mask 0) carry no weight.
 
     Randomness is a pure function of (key, step), so a resumed run draws what an uninterrupted one would.
+    With settings.grad_accum K the batch goes through the model as K micro-batches, one after the
+    other, and their gradients are summed before the one update: the memory of a K times smaller
+    batch, the update of the whole one (to float32 rounding; dropout draws its masks per micro-batch).
     """
     step_key = jax.random.fold_in(key, state.step)
     aug_key, dropout_key = jax.random.split(step_key)
     x = augment.augment(aug_key, images, settings.img_size, settings.rotation, settings.color_jitter)
 
-    def loss_fn(params):
-        logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": dropout_key})
+    def loss_fn(params, x, labels, mask, rng, per: str):
+        """The batch's summed or mean loss (per='sum' or 'mean'), and its running sums."""
+        logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": rng})
         sums = _sums(logits, labels, mask, settings.label_smoothing)
-        return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
+        return (sums["loss"] if per == "sum" else sums["loss"] / jnp.maximum(sums["count"], 1.0)), sums
 
-    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    if settings.grad_accum == 1:
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, x, labels, mask, dropout_key, "mean")
+    else:
+        grads, sums = _accumulated_grads(loss_fn, state.params, (x, labels, mask), dropout_key, settings.grad_accum)
     metrics = _accumulate(metrics, sums)
     first_bad = (metrics["nonfinite_step"] < 0) & ~jnp.isfinite(sums["loss"])
     metrics["nonfinite_step"] = jnp.where(first_bad, state.step.astype(jnp.int32), metrics["nonfinite_step"])
@@ -190,6 +198,21 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, sett
         d = ema_decay(settings.ema_decay, state.step)
         state = state.replace(ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, state.params))
     return state, metrics
+
+
+def _accumulated_grads(loss_fn, params, batch, rng, k: int):
+    """(mean gradient, running sums) of a batch taken as k micro-batches in a scan. Micro-batch i holds
+    rows i, i + k, i + 2k, ...: with the batch split over devices, each device holds part of every one."""
+    micro = lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)  # (B, ...) -> (k, B/k, ...)
+    grad_fn = jax.grad(lambda p, *inputs: loss_fn(p, *inputs, "sum"), has_aux=True)
+
+    def add(carry, inputs):
+        grads, sums = grad_fn(params, *inputs)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (params, {"loss": 0.0, "correct": 0.0, "count": 0.0}))
+    (grads, sums), _ = jax.lax.scan(add, zeros, (*map(micro, batch), jax.random.split(rng, k)))
+    return jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads), sums
 
 
 def eval_step(params, metrics: dict, images, labels, mask, model_cfg: ModelConfig, tta_flip: bool = False):
