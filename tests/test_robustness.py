@@ -204,3 +204,47 @@ def test_bad_input_gives_one_clear_line(cifar_archive, tmp_path, args, message, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err, err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(cifar_archive, tmp_path, monkeypatch, capsys):
+    """The disk fills up after the first save (free space below one checkpoint): the next save is
+    refused before orbax writes anything, with the figures; after freeing space, a rerun resumes."""
+    from vit_jax import workdir as workdir_mod
+    run_dir = str(tmp_path / "run")
+    args = _cmd(cifar_archive, run_dir, "--epochs", "2")[4:]
+    real_free = workdir_mod.free_bytes
+    saves = []
+
+    def free_after_one_save(path):
+        saves.append(path)
+        return real_free(path) if len(saves) <= 2 else 1000  # the start-up check and the save of step 2; then full
+
+    monkeypatch.setattr(workdir_mod, "free_bytes", free_after_one_save)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"error: no room to save a checkpoint in workdir '{run_dir}': it needs about 1 MB and the disk has 0 MB " \
+           f"free. The previous checkpoint stays the latest" in err
+    assert sorted(os.listdir(os.path.join(run_dir, "latest"))) == ["2"]
+
+    monkeypatch.setattr(workdir_mod, "free_bytes", real_free)  # space freed
+    train.main(args)
+    assert "Resuming from" in capsys.readouterr().out
+    assert [r["epoch"] for r in _metrics(run_dir)] == [1, 2]
+
+
+def test_a_real_full_filesystem(cifar_archive, tmp_path):
+    """The same on a 40 MB filesystem (tmpfs, as root), with the cifar model's 56 MB checkpoints."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root; test_a_full_disk_is_one_line... covers the logic")
+    try:
+        run = _run([sys.executable, "-u", "-m", "vit_jax.train", "--preset", "cifar", "--epochs", "1", "--batch_size",
+                    "32", "--train_limit", "64", "--archive", cifar_archive, "--workdir", str(mount / "run")])
+        assert run.returncode == 2 and "Traceback" not in run.stderr and "Event loop" not in run.stderr, run.stderr
+        assert "warning: the disk of workdir" in run.stderr and "40 MB free" in run.stderr
+        assert "error: no room to save a checkpoint" in run.stderr and "it needs about 56 MB" in run.stderr
+    finally:
+        subprocess.run(["umount", str(mount)])

@@ -92,7 +92,7 @@ def test_padding_examples_carry_no_weight():
 
 
 def test_batch_that_devices_cannot_split_is_refused(monkeypatch):
-    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
     with pytest.raises(UserError, match="multiple of 8"):
         DataParallel.create(60)
 

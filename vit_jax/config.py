@@ -143,11 +143,12 @@ class TrainConfig:
     coordinator_address: str | None = field(None, "many processes: HOST:PORT of process 0, which coordinates "
                                                    "(default: $JAX_COORDINATOR_ADDRESS)", resumable=True)
     num_processes: int | None = field(None, "many processes: how many take part (default: $JAX_NUM_PROCESSES, or "
-                                            "what SLURM or Open MPI says, else 1); a resumed run needs the same")
+                                            "what SLURM or Open MPI says, else 1); a resumed run needs the same",
+                                      resumable=True)  # the checkpoint records how many wrote it
     process_id: int | None = field(None, "many processes: this one's index, 0 to num_processes - 1 (default: "
                                          "$JAX_PROCESS_ID, or the cluster's)", resumable=True)
-    heartbeat_timeout: int = field(60, "many processes: seconds without a sign of life after which the others stop",
-                                   resumable=True)
+    heartbeat_timeout: int = field(60, "many processes: seconds without a sign of life after which the others stop "
+                                       "(and at most to wait for the coordinator to answer)", resumable=True)
 
     def validate(self) -> "TrainConfig":
         if self.recipe not in RECIPES:

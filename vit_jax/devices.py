@@ -1,7 +1,9 @@
 """The devices a run computes on: one 'data' mesh over all of them, and how batches reach it.
 
-The batch is sharded over the mesh's 'data' axis and the parameters are replicated; XLA inserts the
-gradient all-reduce. One device is just a mesh of one.
+The mesh spans every device of every process (`distributed.py` starts them). The batch is sharded
+over its 'data' axis and the parameters are replicated; XLA inserts the gradient all-reduce. Every
+process holds the same global batch on the host and puts only its own rows on its own devices, so
+a run gives the results of one process with the same devices. One device is just a mesh of one.
 """
 
 import dataclasses
@@ -16,26 +18,39 @@ from vit_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """All local devices on one 'data' axis, with the shardings the steps use."""
+    """All devices of all processes on one 'data' axis, with the shardings the steps use."""
 
     batch: NamedSharding  # leading axis split over the devices
     replicated: NamedSharding  # a whole copy on every device
 
     @classmethod
     def create(cls, batch_size: int) -> "DataParallel":
-        n = jax.local_device_count()
+        n = jax.device_count()
         if batch_size % n:
-            raise UserError(f"batch_size {batch_size} cannot be split over {n} devices: "
-                            f"use a multiple of {n}")
+            where = f"{n} devices" + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
+            raise UserError(f"batch_size {batch_size} cannot be split over {where}: use a multiple of {n}")
         # Auto axes: XLA propagates the batch sharding and inserts the collectives itself.
-        mesh = jax.make_mesh((n,), ("data",), devices=jax.local_devices(),
-                             axis_types=(jax.sharding.AxisType.Auto,))
+        mesh = jax.make_mesh((n,), ("data",), devices=jax.devices(), axis_types=(jax.sharding.AxisType.Auto,))
         return cls(NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
 
+    def local_rows(self, batch_size: int) -> slice:
+        """The rows of a global batch that this process's devices hold (all of them with one process)."""
+        spans = [index[0].indices(batch_size)[:2] for index in
+                 self.batch.addressable_devices_indices_map((batch_size,)).values()]
+        return slice(min(s for s, _ in spans), max(e for _, e in spans))
+
     def put_batch(self, *arrays):
-        return tuple(jax.device_put(np.asarray(a), self.batch) for a in arrays)
+        """Global host arrays (the same in every process) -> arrays sharded over the mesh."""
+        if jax.process_count() == 1:
+            return tuple(jax.device_put(np.asarray(a), self.batch) for a in arrays)
+        rows = self.local_rows(len(arrays[0]))
+        return tuple(jax.make_array_from_process_local_data(self.batch, np.asarray(a)[rows], np.shape(a))
+                     for a in arrays)
 
     def replicate(self, tree):
+        """A copy of `tree` (the same in every process) on every device."""
+        if jax.process_count() > 1:
+            tree = jax.device_get(tree)  # host values: each process fills its own devices
         return jax.device_put(tree, self.replicated)
 
 
@@ -43,7 +58,8 @@ def describe_devices() -> str:
     """The devices in words, for logs and summaries: '2 x cpu (2 cores, no accelerator)', '1 x NVIDIA H200 (...)'."""
     devices = jax.local_devices()
     d = devices[0]
+    processes = f"{jax.process_count()} processes x " if jax.process_count() > 1 else ""
     if d.platform == "cpu":
-        return f"{len(devices)} x cpu ({os.cpu_count()} cores, no accelerator)"
+        return f"{processes}{len(devices)} x cpu ({os.cpu_count()} cores, no accelerator)"
     memory = (d.memory_stats() or {}).get("bytes_limit", 0) / 2**30
-    return f"{len(devices)} x {d.device_kind}" + (f" ({memory:.1f} GiB)" if memory else "")
+    return f"{processes}{len(devices)} x {d.device_kind}" + (f" ({memory:.1f} GiB)" if memory else "")

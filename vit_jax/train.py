@@ -8,6 +8,7 @@ previous checkpoint. A loss that stops being finite ends the run before anything
 last good checkpoint stays the latest.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -17,13 +18,14 @@ import jax
 from tqdm import tqdm
 
 from vit_jax import budget, config as config_lib
-from vit_jax import data, step, summary, tensorboard_log, weights, workdir
+from vit_jax import data, distributed, step, summary, tensorboard_log, weights, workdir
 from vit_jax.config import ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel, describe_devices
 from vit_jax.errors import UserError, cli
 from vit_jax.model import count_params
 
 EXIT_INTERRUPTED = 130
+STOP_CHECK_EVERY = 10  # with many processes, they agree on a stop signal every this many steps
 
 
 class Interrupted(Exception):
@@ -88,12 +90,29 @@ def _check_finite(metrics, cfg: TrainConfig, steps_per_epoch: int):
 
 
 def train_and_evaluate(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
-    """Trains (or resumes) in cfg.workdir; returns one metrics row per epoch done."""
+    """Trains (or resumes) in cfg.workdir; returns one metrics row per epoch done.
+
+    With many processes, every one runs this; process 0 alone prints, takes the lock and writes the
+    workdir's files, and the others read its config.json once it is written."""
     started = budget.process_start()
-    workdir.make(cfg.workdir)
-    with workdir.lock(cfg.workdir), _StopFlag() as stop:
-        cfg = open_workdir(cfg, model_cfg)
-        return _Run(cfg, model_cfg, stop, started).train()
+    primary = distributed.is_primary()
+    if not primary:  # process 0 speaks for all (the runtime's C++ too); errors still reach stderr
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if primary:
+        workdir.make(cfg.workdir)
+    with workdir.lock(cfg.workdir) if primary else contextlib.nullcontext(), _StopFlag() as stop:
+        if primary:
+            cfg = open_workdir(cfg, model_cfg)
+        distributed.barrier("vit_jax: workdir open")
+        if not primary and workdir.has_run(cfg.workdir):
+            cfg = budget.adopt_saved(cfg, workdir.read_config(cfg.workdir)[0])
+        try:
+            return _Run(cfg, model_cfg, stop, started).train()
+        except (Exception, Interrupted) as e:
+            if isinstance(e, (UserError, Interrupted)) or jax.process_count() == 1:
+                raise
+            distributed.fail_fast(e, jax.process_index())  # one line, and out before the others hang
 
 
 class _Run:
@@ -117,7 +136,8 @@ class _Run:
         self.state = self._initial_state(cfg)
         self.metrics = self.parallel.replicate(step.zero_metrics())
         self.meta = {"epochs_done": 0, "best_acc": -1.0, "best_epoch": 0, "seconds_in_epoch": 0.0}
-        self.ckpts = workdir.Checkpoints(cfg.workdir)
+        self.meta = {**self.meta, "processes": jax.process_count()}
+        self.ckpts = workdir.Checkpoints(cfg.workdir, seal=distributed.is_primary())
         try:
             restored = self.ckpts.restore_latest(self.state, self.metrics)
         except BaseException:
@@ -126,7 +146,16 @@ class _Run:
         self.resumed = restored is not None
         if self.resumed:
             self.state, self.metrics, self.meta = restored
-        self.tb = tensorboard_log.Writer(os.path.join(cfg.workdir, workdir.TENSORBOARD), enabled=cfg.tensorboard)
+            saved_by = self.meta.get("processes", 1)
+            if saved_by != jax.process_count():
+                self.ckpts.close()
+                raise UserError(f"the run in {cfg.workdir} was trained by {saved_by} process{'es' * (saved_by > 1)}; "
+                                f"resume it with {saved_by} (this run has {jax.process_count()}), or pass another "
+                                f"--workdir")
+        if distributed.is_primary():
+            workdir.check_space(cfg.workdir, self.state, self.metrics)
+        self.tb = tensorboard_log.Writer(os.path.join(cfg.workdir, workdir.TENSORBOARD),
+                                         enabled=cfg.tensorboard and distributed.is_primary())
         self._cpu_clock = None  # for the one CPU warning: when the first step was done
         self._cpu_warned = False
         self.rows = workdir.read_metrics(cfg.workdir, upto=self.meta["epochs_done"])
@@ -145,10 +174,12 @@ class _Run:
                                self.parallel.replicate(step.zero_metrics()))
         chosen, why = budget.plan(cfg, speed, started, data.num_batches(len(self.train_x), cfg.batch_size),
                                   data.num_batches(len(self.test_x), cfg.batch_size))
+        chosen = distributed.same_everywhere(chosen)  # process 0's measurement decides for all
         print(f"Plan: {why}")
         if chosen.train_limit is not None:
             self.train_x, self.train_y = self.train_x[:chosen.train_limit], self.train_y[:chosen.train_limit]
-        workdir.write_config(chosen.workdir, chosen, self.model_cfg)
+        if distributed.is_primary():
+            workdir.write_config(chosen.workdir, chosen, self.model_cfg)
         return chosen
 
     def train(self) -> list[dict]:
@@ -173,7 +204,8 @@ class _Run:
             print(f"Early stop: no better test accuracy for {cfg.patience} epochs")
         print(f"\nDone: best test accuracy {self.meta['best_acc']:.2f}% at epoch {self.meta['best_epoch']} "
               f"(checkpoints in {cfg.workdir})")
-        print(f"Summary: {summary.write_summary(cfg.workdir, describe_devices())}")
+        if distributed.is_primary():
+            print(f"Summary: {summary.write_summary(cfg.workdir, describe_devices())}")
         return self.rows
 
     def _patience_exhausted(self) -> bool:
@@ -190,7 +222,7 @@ class _Run:
         train_seconds = time.time() - t0
         row = self._evaluate(epoch, lr, t0, train_seconds)
         self._record(epoch, row)
-        if self.stop:
+        if distributed.any_process(bool(self.stop)):
             print(f"Saved after epoch {epoch + 1}. Run the same command again to resume.")
             raise Interrupted
 
@@ -209,11 +241,19 @@ class _Run:
                     self._warn_cpu()
                 if (i + 1) % cfg.log_every == 0:
                     self._log(epoch * spe + i, bar)
-                if i + 1 < spe and (self.stop or (cfg.save_every and (i + 1) % cfg.save_every == 0)):
+                stopping = self._stopping(i)
+                if i + 1 < spe and (stopping or (cfg.save_every and (i + 1) % cfg.save_every == 0)):
                     self._save_latest(t0)
-                    if self.stop:
+                    if stopping:
                         print(f"Saved at epoch {epoch + 1}, batch {i + 1}/{spe}. Run the same command again to resume.")
                         raise Interrupted
+
+    def _stopping(self, i: int) -> bool:
+        """Whether to stop after batch i: a signal reached this process (or, with many, any process,
+        as they find out together every STOP_CHECK_EVERY batches, so that all save the same step)."""
+        if jax.process_count() == 1:
+            return bool(self.stop)
+        return (i + 1) % STOP_CHECK_EVERY == 0 and distributed.any_process(bool(self.stop))
 
     def _log(self, global_batch: int, bar):
         """The running loss and accuracy of the epoch so far: printed, and to TensorBoard."""
@@ -247,7 +287,8 @@ class _Run:
             self.ckpts.save_best(step.eval_params(self.state), {"epoch": epoch + 1, "test_acc": row["test_acc"],
                                                      "config": config_lib.to_dict(self.cfg, self.model_cfg)})
             print(f"New best model saved (test acc {row['test_acc']:.2f}%)")
-        workdir.write_metrics(self.cfg.workdir, self.rows)
+        if distributed.is_primary():
+            workdir.write_metrics(self.cfg.workdir, self.rows)
         self.tb.scalars({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * self.steps_per_epoch,
                         prefix="epoch/")
         self.tb.flush()
@@ -279,7 +320,14 @@ class _Run:
 
 @cli
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg, model_cfg = config_lib.parse_args(argv)
+    topology = distributed.topology(cfg)
+    if topology is not None:
+        if not os.environ.get(distributed.CHILD):
+            sys.exit(distributed.supervise(argv, topology.process_id))
+        cfg = distributed.start(cfg, topology)
+        distributed.agree(cfg, model_cfg)
     train_and_evaluate(cfg, model_cfg)
 
 

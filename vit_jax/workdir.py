@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -216,11 +217,38 @@ def _damage(step_dir: str) -> str | None:
     return f"{len(bad)} of its files differ from when it was saved ({bad[0]}...)" if bad else None
 
 
-class Checkpoints:
-    """The latest and best checkpoints of the run that trains in a workdir."""
+def tree_bytes(tree) -> int:
+    """What a checkpoint of `tree` takes on disk, about: its arrays, and a little for orbax's metadata."""
+    return sum(x.nbytes for x in jax.tree.leaves(tree)) + (1 << 20)
 
-    def __init__(self, workdir: str):
-        self.workdir = workdir
+
+def free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def check_space(workdir: str, state, metrics) -> None:
+    """Warns, at the start of a run, when the workdir's disk cannot hold what the run will keep there:
+    two latest checkpoints, the best parameters, and the one being written."""
+    need = 3 * tree_bytes({"state": state, "metrics": metrics}) + tree_bytes(state.params)
+    free = free_bytes(workdir)
+    if free < need:
+        print(f"warning: the disk of workdir {workdir!r} has {_mb(free)} free, and the run's checkpoints will take "
+              f"about {_mb(need)} (each one {_mb(tree_bytes({'state': state, 'metrics': metrics}))}): a save will "
+              f"fail when it runs out; free some space or choose another --workdir", file=sys.stderr, flush=True)
+
+
+class Checkpoints:
+    """The latest and best checkpoints of the run that trains in a workdir.
+
+    With many processes, every one saves (orbax writes each one's share) and `seal` is true in
+    process 0 alone, which then writes the manifest."""
+
+    def __init__(self, workdir: str, seal: bool = True):
+        self.workdir, self.seal = workdir, seal
         self.latest = Folder(os.path.join(workdir, LATEST), "state", keep=2)
         self.best = Folder(os.path.join(workdir, BEST), "params", keep=1)
 
@@ -228,8 +256,19 @@ class Checkpoints:
         """Saves and seals; a state already saved at this step is not written again."""
         step = int(state.step)
         if step not in self.latest.steps():
-            self.latest.save(step, {"state": state, "metrics": metrics}, meta)
-            _seal(self.latest.step_dir(step))
+            self._save(self.latest, step, {"state": state, "metrics": metrics}, meta)
+
+    def _save(self, folder: Folder, step: int, tree, meta: dict):
+        """Saves one checkpoint if the disk has room for it (else says so, and the previous one stays),
+        then seals it."""
+        need = tree_bytes(tree)
+        if free_bytes(folder.path) < need:
+            raise UserError(f"no room to save a checkpoint in workdir {self.workdir!r}: it needs about {_mb(need)} "
+                            f"and the disk has {_mb(free_bytes(folder.path))} free. The previous checkpoint stays the "
+                            f"latest: free some space and run the same command again to resume")
+        folder.save(step, tree, meta)
+        if self.seal:
+            _seal(folder.step_dir(step))
 
     def restore_latest(self, state, metrics):
         """(state, metrics, meta) of the newest checkpoint that reads back whole, shaped and sharded
@@ -252,8 +291,7 @@ class Checkpoints:
 
     def save_best(self, params, meta: dict):
         if meta["epoch"] not in self.best.steps():  # else written before a crash; the rerun computed the same
-            self.best.save(meta["epoch"], params, meta)
-            _seal(self.best.step_dir(meta["epoch"]))
+            self._save(self.best, meta["epoch"], params, meta)
 
     def restore_best(self, like=None):
         """(params, meta) of the best checkpoint, restored like `like` (see Folder.restore)."""

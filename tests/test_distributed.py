@@ -1,0 +1,134 @@
+"""Many processes on one machine: two processes with two CPU devices each against one with four, a
+killed process, a rerun that resumes, settings that differ, a coordinator that is not there."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEARTBEAT = 10  # seconds: how long the others take to notice a dead process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A few hundred examples: 300 train, 64 test."""
+    from conftest import write_cifar_archive
+    return write_cifar_archive(str(tmp_path_factory.mktemp("mp_archive")), 60, 64, seed=5)["archive"]
+
+
+def _args(archive, workdir, *extra):
+    return ["--preset", "test", "--epochs", "3", "--batch_size", "32", "--log_every", "1", "--save_every", "4",
+            "--archive", archive, "--workdir", workdir, *extra]
+
+
+def _start(args, processes: int, devices: int, port=None, extra=None):
+    """Popen of each process of a run (python -m vit_jax.train), with `devices` CPU devices each."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    procs = []
+    for i in range(processes):
+        many = ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes), "--process_id",
+                str(i), "--heartbeat_timeout", str(HEARTBEAT)] if processes > 1 else []
+        procs.append(subprocess.Popen([sys.executable, "-u", "-m", "vit_jax.train", *args, *many, *(extra or {}).get(i, [])],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs, timeout=600):
+    """[(exit status, stdout, stderr)] of each process, once all have ended."""
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_sec")} for line in f]
+
+
+def _assert_close(rows_a, rows_b, tol=1e-5):
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc"):
+            assert a[key] == pytest.approx(b[key], rel=tol, abs=tol), (key, a, b)
+
+
+@pytest.fixture(scope="module")
+def two_by_two(archive, tmp_path_factory):
+    """The workdir of an uninterrupted run by two processes with two devices each."""
+    workdir, port = str(tmp_path_factory.mktemp("mp") / "two"), _free_port()
+    results = _finish(_start(_args(archive, workdir), 2, 2, port))
+    for status, out, err in results:
+        assert status == 0, err[-3000:]
+    assert "Device: 2 processes x 2 x cpu" in results[0][1]
+    assert results[1][1].splitlines() == [f"Process 1 of 2: joining localhost:{port}"]  # then process 0 speaks
+    return workdir
+
+
+def test_two_processes_give_the_metrics_of_one_process_with_their_devices(two_by_two, archive, tmp_path):
+    one = str(tmp_path / "one")
+    (status, out, err), = _finish(_start(_args(archive, one), 1, 4))
+    assert status == 0, err
+    assert "Device: 4 x cpu" in out
+    _assert_close(_metrics(two_by_two), _metrics(one))
+
+
+def test_a_killed_process_stops_the_other_in_one_line_and_a_rerun_resumes(two_by_two, archive, tmp_path):
+    workdir, port = str(tmp_path / "killed"), _free_port()
+    procs = _start(_args(archive, workdir), 2, 2, port)
+    for line in procs[0].stdout:
+        if line.startswith("Batch [5/10]") and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            break  # in epoch 2, after the save at batch 4
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    out, err = procs[0].communicate(timeout=300)
+    noticed = time.time() - killed
+    procs[1].wait()
+    assert procs[0].returncode == 3 and noticed < HEARTBEAT + 30, (procs[0].returncode, noticed, err)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")], err
+    assert errors == ["error: process 0: stopped by jax's distributed runtime: process 1 stopped sending heartbeats "
+                      "(it died, or hung); rerun every process with the same command to resume"], err
+    print(f"process 0 noticed the death of process 1 after {noticed:.1f} s (heartbeat timeout {HEARTBEAT} s)")
+
+    results = _finish(_start(_args(archive, workdir), 2, 2, _free_port()))
+    for status, out, err in results:
+        assert status == 0, err[-3000:]
+    assert "Resuming from" in results[0][1]
+    _assert_close(_metrics(workdir), _metrics(two_by_two), tol=1e-7)
+
+
+def test_resuming_needs_the_same_number_of_processes(two_by_two, archive):
+    (status, out, err), = _finish(_start(_args(archive, two_by_two), 1, 4))
+    assert status == 2 and "Traceback" not in err
+    assert "was trained by 2 processes; resume it with 2 (this run has 1)" in err
+
+
+def test_processes_started_with_different_settings_are_refused(archive, tmp_path):
+    procs = _start(_args(archive, str(tmp_path / "run")), 2, 2, _free_port(), extra={1: ["--lr", "1e-3"]})
+    results = _finish(procs, timeout=300)
+    for status, out, err in results:
+        assert status == 2 and "Traceback" not in err, err
+        assert ("the processes were started with different settings (lr: 0.0003 in process 0, 0.001 in process 1)"
+                in err), err
+
+
+def test_a_coordinator_that_cannot_be_reached_is_one_line_after_a_bounded_wait(archive, tmp_path):
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "vit_jax.train", *_args(archive, str(tmp_path / "run")),
+                          "--coordinator_address", f"localhost:{_free_port()}", "--num_processes", "2",
+                          "--process_id", "1", "--heartbeat_timeout", "5"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 2 and time.time() - started < 60
+    assert run.stderr.strip().splitlines()[-1].startswith("error: the coordinator localhost:")
+    assert "cannot be reached after 5 s" in run.stderr and "Traceback" not in run.stderr
