@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ EXPECTED_PARAMS = {
     "seed": 11_022_730,  # the tutorial's model (it prints 21.67M, the 12-layer count: vit_s16 below)
     "cifar": 4_771_082,
     "test": 24_234,
+    "fast": 1_806_154,
     "vit_ti16": 5_526_346,
     "vit_s16": 21_669_514,
     "vit_b16": 85_806_346,
@@ -119,3 +121,51 @@ def test_fused_attention_and_the_spelled_out_softmax_agree():
     fused = VisionTransformer(cfg).apply({"params": params}, x)
     spelled, _ = VisionTransformer(cfg).apply({"params": params}, x, mutable=["intermediates"])
     np.testing.assert_allclose(fused, spelled, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cpu_backward_of_the_linear_layers_equals_autodiff():
+    from vit_jax import layers
+
+    kx, kw, kb, kg = jax.random.split(jax.random.key(0), 4)
+    for fan_in, fan_out in ((32, 96), (96, 32)):  # both branches: transpose g or x
+        x = jax.random.normal(kx, (4, 17, fan_in))
+        w, b = jax.random.normal(kw, (fan_in, fan_out)), jax.random.normal(kb, (fan_out,))
+        g = jax.random.normal(kg, (4, 17, fan_out))
+        custom = jax.vjp(layers._linear_cpu, x, w, b)
+        plain = jax.vjp(lambda x, w, b: jnp.einsum("bti,io->bto", x, w) + b, x, w, b)
+        np.testing.assert_allclose(custom[0], plain[0], rtol=1e-5, atol=1e-5)
+        for mine, reference in zip(custom[1](g), plain[1](g)):
+            np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_the_patch_projection_is_the_strided_convolution():
+    """Same parameters, same output and gradients as nn.Conv(D, (p, p), strides p, VALID)."""
+    from vit_jax.layers import PatchProjection
+
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    conv = nn.Conv(16, (8, 8), strides=(8, 8), padding="VALID")
+    params = conv.init(jax.random.key(2), x)
+    mine = PatchProjection(16, 8)
+    assert jax.tree.map(jnp.shape, mine.init(jax.random.key(2), x)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(mine.init(jax.random.key(2), x)["params"]["kernel"], params["params"]["kernel"])
+
+    def loss(module, p):
+        out = module.apply(p, x).reshape(2, -1, 16)  # the conv's (B, 4, 4, D) as (B, N, D)
+        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
+
+    np.testing.assert_allclose(mine.apply(params, x), conv.apply(params, x).reshape(2, 16, 16), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 jax.grad(lambda p: loss(mine, p))(params), jax.grad(lambda p: loss(conv, p))(params))
+
+
+def test_gelu_is_the_exact_erf_form():
+    from vit_jax.model import gelu
+
+    x = np.linspace(-6, 6, 101)
+    from math import erf
+    expected = [0.5 * v * (1 + erf(v / 2 ** 0.5)) for v in x]
+    np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), expected, rtol=1e-6, atol=1e-6)
+    # Flax's erfc form is closer in the far negative tail, where 1 + erf cancels; both are within
+    # float32 rounding of the float64 value above.
+    np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), nn.gelu(jnp.asarray(x, jnp.float32), approximate=False),
+                               rtol=1e-6, atol=1e-6)

@@ -11,8 +11,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
 
 from vit_jax import augment, config as config_lib, step
 from vit_jax.config import PRESETS, TrainConfig
