@@ -71,30 +71,39 @@ def measure(train_fn, eval_fn, state, metrics, batch, key, eval_params, eval_met
 
 
 def plan(cfg: TrainConfig, speed: Speed, started: float, train_batches: int, eval_batches: int) -> tuple[TrainConfig, str]:
-    """The run's config with the epochs (and if need be train_limit) that fit, and why, in words."""
+    """The run's config with the epochs (and if need be train_limit) that fit, and why, in words.
+
+    Either as many whole epochs as fit, or one more, each of them on the first part of the training
+    split that then fits: whichever trains on more images (each epoch costs an evaluation too)."""
     left = cfg.time_budget * 60 - (time.time() - started) - speed.compile - END_SECONDS
     usable = max(left, 0.0) * SAFETY
-    eval_s = eval_batches * speed.eval_batch
-    epoch_s = train_batches * speed.step + eval_s + SAVE_SECONDS
-    epochs = int(usable // epoch_s)
+    per_epoch = eval_batches * speed.eval_batch + SAVE_SECONDS  # besides the training steps
+    epoch_s = train_batches * speed.step + per_epoch
     why = (f"time budget {cfg.time_budget:g} min: {time.time() - started:.0f} s gone (start-up, data, compiling, "
            f"measuring); a step takes {speed.step:.3f} s ({train_batches} per epoch: {train_batches * speed.step:.0f} s), "
-           f"evaluation {eval_s:.1f} s, so an epoch {epoch_s:.0f} s; {usable:.0f} s are planned "
+           f"evaluation {per_epoch - SAVE_SECONDS:.1f} s, so an epoch {epoch_s:.0f} s; {usable:.0f} s are planned "
            f"({SAFETY:.0%} of what is left after compiling again and {END_SECONDS:.0f} s for the end)")
-    if epochs >= 1:
-        warmup = min(cfg.warmup_epochs, epochs / 2)
-        chosen = dataclasses.replace(cfg, epochs=epochs, warmup_epochs=warmup)
-        return chosen, f"{why}: {epochs} epoch{'s' * (epochs != 1)}" + (
-            f", warm-up shortened to {warmup:g} epochs" if warmup != cfg.warmup_epochs else "")
-    steps = int((usable - eval_s - SAVE_SECONDS) // speed.step)
-    if steps < 1:
+    whole = int(usable // epoch_s)
+    options = []  # (images trained on, fewer epochs first, epochs, steps per epoch)
+    for epochs in {max(whole, 1), whole + 1}:
+        steps = min(train_batches, int((usable / epochs - per_epoch) // speed.step))
+        if steps >= 1:
+            options.append((epochs * steps, -epochs, epochs, steps))
+    if not options:
         raise UserError(f"--time_budget {cfg.time_budget:g} min leaves {max(left, 0):.0f} s after start-up and "
                         f"compiling, not enough for a step and an evaluation (an epoch takes {math.ceil(epoch_s)} s "
                         f"here): give more minutes")
-    limit = steps * cfg.batch_size
-    chosen = dataclasses.replace(cfg, epochs=1, train_limit=min(limit, cfg.train_limit or limit), warmup_epochs=0.0)
-    return chosen, (f"{why}: less than one epoch fits, so 1 epoch of the first {chosen.train_limit:,} training "
-                    f"images ({steps} of {train_batches} batches)")
+    _, _, epochs, steps = max(options)
+    limit = None if steps == train_batches else steps * cfg.batch_size  # the first images, in file order
+    warmup = min(cfg.warmup_epochs, epochs / 2)
+    chosen = dataclasses.replace(cfg, epochs=epochs, warmup_epochs=warmup,
+                                 train_limit=cfg.train_limit if limit is None else limit)
+    what = f"{epochs} epoch{'s' * (epochs != 1)}"
+    if limit is not None:
+        what += f" of the first {limit:,} training images ({steps} of {train_batches} batches)"
+    if warmup != cfg.warmup_epochs:
+        what += f", warm-up shortened to {warmup:g} epochs"
+    return chosen, f"{why}: {what}"
 
 
 def adopt_saved(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
