@@ -93,3 +93,8 @@ def test_rotate_turns_about_the_centre_and_fills_zeros():
     full = np.ones((9, 9, 1), np.float32)
     corners = np.asarray(augment.rotate(full, np.pi / 4))
     assert corners[0, 0, 0] == 0.0 and corners[4, 4, 0] == pytest.approx(1.0)  # no source: zero fill
+
+
+def test_no_flip_crop_leaves_the_images_as_they_are():
+    x = _images()
+    np.testing.assert_allclose(augment.augment(jax.random.key(0), x, 32, flip_crop=False), augment.preprocess(x, 32))

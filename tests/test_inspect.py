@@ -179,6 +179,14 @@ def test_plot_curves(run, tmp_path):
     assert e.value.code == 2
 
 
+def test_plot_compares_runs_by_wall_clock_time(run, tmp_path):
+    slow = _synthetic_run(run, tmp_path, [10.0, 30.0, 35.0])
+    out = plot.main(["--workdir", run, "--compare", slow])
+    assert out == os.path.join(run, "compare.png") and _png_size(out) == plot.COMPARE_PX
+    with pytest.raises(SystemExit):
+        plot.main(["--workdir", run, "--compare", str(tmp_path / "nothing")])
+
+
 def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):
     path = summary.write_summary(run, device="2 x test device")
     text = open(path).read()

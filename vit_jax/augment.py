@@ -70,11 +70,12 @@ def _jitter(key, x, strength: float):
     return jnp.clip((x - gray(x)) * s + gray(x), 0, 1)
 
 
-def _augment_one(key, x, rotation: float, color_jitter: float):
+def _augment_one(key, x, flip_crop: bool, rotation: float, color_jitter: float):
     """One resized [0, 1] image (S, S, 3): flip, padded crop, optional rotation and jitter."""
     k_flip, k_crop, k_rot, k_jit = jax.random.split(key, 4)
-    x = jnp.where(jax.random.bernoulli(k_flip), flip(x), x)
-    x = _random_crop(k_crop, x)
+    if flip_crop:
+        x = jnp.where(jax.random.bernoulli(k_flip), flip(x), x)
+        x = _random_crop(k_crop, x)
     if rotation:  # an angle drawn uniformly from [-rotation, rotation] degrees
         x = rotate(x, jax.random.uniform(k_rot, minval=-rotation, maxval=rotation) * jnp.pi / 180)
     if color_jitter:
@@ -82,12 +83,14 @@ def _augment_one(key, x, rotation: float, color_jitter: float):
     return x
 
 
-def augment(key, images, img_size: int, rotation: float = 0.0, color_jitter: float = 0.0):
+def augment(key, images, img_size: int, rotation: float = 0.0, color_jitter: float = 0.0, flip_crop: bool = True):
     """Training: uint8 (B, 32, 32, 3) -> augmented, normalized float32 (B, S, S, 3).
 
     Each image gets its own key, so the result depends only on `key`, never on the batch split.
+    flip_crop False leaves out the flip and the crop (and with no rotation or jitter, everything).
     """
     x = resize(images, img_size)
-    keys = jax.random.split(key, x.shape[0])
-    x = jax.vmap(_augment_one, in_axes=(0, 0, None, None))(keys, x, rotation, color_jitter)
+    if flip_crop or rotation or color_jitter:
+        keys = jax.random.split(key, x.shape[0])
+        x = jax.vmap(_augment_one, in_axes=(0, 0, None, None, None))(keys, x, flip_crop, rotation, color_jitter)
     return normalize(x)

@@ -129,6 +129,8 @@ class TrainConfig:
     tta_flip: bool = field(False, "evaluate on each test image and its mirror image, averaging the logits")
     time_budget: float | None = field(None, "minutes from the command's start to its end: the run measures its "
                                             "own speed and chooses the epochs that fit (they go to config.json)")
+    augment: bool = field(True, "random horizontal flip and random crop with padding 4, the tutorial's; "
+                                "--no-augment trains on the images as they are")
     rotation: float = field(0.0, "random rotation up to this many degrees (the tutorial's tip: 15)")
     color_jitter: float = field(0.0, "random brightness, contrast and saturation of this strength (tip: 0.2)")
     log_every: int = field(100, "print the running loss and accuracy every N batches", resumable=True)

@@ -1,5 +1,8 @@
 """`python -m vit_jax.plot --workdir DIR`: the training curves of a run, from its metrics.jsonl, as one PNG.
 
+`--compare DIR2 [DIR3 ...]` draws several runs on shared axes against wall-clock minutes instead
+(test accuracy and training loss), to set recipes side by side at the same budget.
+
 Loss and accuracy, train and test, per epoch, and the learning rate; the best epoch is marked.
 It reads metrics.jsonl, which training rewrites whole after every epoch, and config.json, so it works
 while a run is still going. Written to DIR/curves.png unless `--out` says otherwise.
@@ -10,9 +13,10 @@ import os
 
 from vit_jax.errors import cli
 from vit_jax.figure import figsize, plt, save
-from vit_jax.workdir import CURVES, finished_epochs, read_config
+from vit_jax.workdir import COMPARE, CURVES, finished_epochs, read_config
 
 CURVES_PX = (1500, 450)  # (width, height) of curves.png
+COMPARE_PX = (1200, 450)  # of --compare's picture
 
 
 def best_row(rows: list[dict]) -> dict:
@@ -46,21 +50,52 @@ def plot_curves(rows: list[dict], out: str, title: str = "") -> str:
     return save(fig, out)
 
 
+def _name(workdir: str) -> str:
+    return os.path.basename(os.path.abspath(workdir))
+
+
 def plot_run(workdir: str, out: str | None = None) -> str:
     """Draws DIR/metrics.jsonl to `out` (default DIR/curves.png); returns the path."""
     rows = finished_epochs(workdir)
     cfg, _ = read_config(workdir)
-    title = f"Training curves of {workdir} ({cfg.preset}, {len(rows)} of {cfg.epochs} epochs)"
+    title = f"Training curves of {_name(workdir)} ({cfg.recipe} recipe, {cfg.preset} model, {len(rows)} of {cfg.epochs} epochs)"
     return plot_curves(rows, out or os.path.join(workdir, CURVES), title)
+
+
+def plot_comparison(workdirs: list[str], out: str) -> str:
+    """Test accuracy and training loss of several runs against wall-clock minutes (training and
+    evaluation, start-up left out), one line each."""
+    fig, axes = plt.subplots(1, 2, figsize=figsize(*COMPARE_PX), layout="constrained")
+    for workdir in workdirs:
+        rows, (cfg, _) = finished_epochs(workdir), read_config(workdir)
+        minutes = [sum(r["seconds"] for r in rows[:i + 1]) / 60 for i in range(len(rows))]
+        label = f"{_name(workdir)}: {cfg.recipe} recipe, best {best_row(rows)['test_acc']:.1f}%"
+        axes[0].plot(minutes, [r["test_acc"] for r in rows], "o-", markersize=3, label=label)
+        axes[1].plot(minutes, [r["train_loss"] for r in rows], "o-", markersize=3, label=label)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].set_ylabel("training loss")
+    for ax in axes:
+        ax.set_xlabel("minutes of training and evaluation")
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Runs side by side, by wall-clock time", fontsize=11)
+    return save(fig, out)
 
 
 @cli
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(prog="python -m vit_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run to draw")
-    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/curves.png)")
+    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/curves.png, or with --compare "
+                                                    "WORKDIR/compare.png)")
+    parser.add_argument("--compare", nargs="+", metavar="WORKDIR", default=None,
+                        help="other runs to draw beside --workdir's, against wall-clock minutes")
     a = parser.parse_args(argv)
-    out = plot_run(a.workdir, a.out)
+    if a.compare:
+        out = plot_comparison([a.workdir, *a.compare], a.out or os.path.join(a.workdir, COMPARE))
+    else:
+        out = plot_run(a.workdir, a.out)
     print(f"Wrote {out}")
     return out
 

@@ -96,11 +96,11 @@ def train_and_evaluate(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
     workdir's files, and the others read its config.json once it is written."""
     started = budget.process_start()
     primary = distributed.is_primary()
-    if not primary:  # process 0 speaks for all (the runtime's C++ too); errors still reach stderr
-        sys.stdout.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if primary:
         workdir.make(cfg.workdir)
+    else:  # process 0 speaks for all (the runtime's C++ too); errors still reach stderr
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     with workdir.lock(cfg.workdir) if primary else contextlib.nullcontext(), _StopFlag() as stop:
         if primary:
             cfg = open_workdir(cfg, model_cfg)
@@ -133,25 +133,12 @@ class _Run:
         self.cfg = cfg
         self.steps_per_epoch = data.num_batches(len(self.train_x), cfg.batch_size)
         self.schedule = step.make_schedule(cfg, self.steps_per_epoch)
-        self.state = self._initial_state(cfg)
-        self.metrics = self.parallel.replicate(step.zero_metrics())
-        self.meta = {"epochs_done": 0, "best_acc": -1.0, "best_epoch": 0, "seconds_in_epoch": 0.0}
-        self.meta = {**self.meta, "processes": jax.process_count()}
         self.ckpts = workdir.Checkpoints(cfg.workdir, seal=distributed.is_primary())
         try:
-            restored = self.ckpts.restore_latest(self.state, self.metrics)
+            self.state, self.metrics, self.meta, self.resumed = self._start_or_resume(cfg)
         except BaseException:
             self.ckpts.close()  # orbax's background threads must stop before the interpreter does
             raise
-        self.resumed = restored is not None
-        if self.resumed:
-            self.state, self.metrics, self.meta = restored
-            saved_by = self.meta.get("processes", 1)
-            if saved_by != jax.process_count():
-                self.ckpts.close()
-                raise UserError(f"the run in {cfg.workdir} was trained by {saved_by} process{'es' * (saved_by > 1)}; "
-                                f"resume it with {saved_by} (this run has {jax.process_count()}), or pass another "
-                                f"--workdir")
         if distributed.is_primary():
             workdir.check_space(cfg.workdir, self.state, self.metrics)
         self.tb = tensorboard_log.Writer(os.path.join(cfg.workdir, workdir.TENSORBOARD),
@@ -159,6 +146,22 @@ class _Run:
         self._cpu_clock = None  # for the one CPU warning: when the first step was done
         self._cpu_warned = False
         self.rows = workdir.read_metrics(cfg.workdir, upto=self.meta["epochs_done"])
+
+    def _start_or_resume(self, cfg: TrainConfig):
+        """(state, running sums, meta, whether resumed): the workdir's latest checkpoint, else a fresh start."""
+        state = self._initial_state(cfg)
+        metrics = self.parallel.replicate(step.zero_metrics())
+        restored = self.ckpts.restore_latest(state, metrics)
+        if restored is None:
+            meta = {"epochs_done": 0, "best_acc": -1.0, "best_epoch": 0, "seconds_in_epoch": 0.0,
+                    "processes": jax.process_count()}
+            return state, metrics, meta, False
+        saved_by = restored[2].get("processes", 1)
+        if saved_by != jax.process_count():
+            raise UserError(f"the run in {cfg.workdir} was trained by {saved_by} process{'es' * (saved_by > 1)}; "
+                            f"resume it with {saved_by} (this run has {jax.process_count()}), or pass another "
+                            f"--workdir")
+        return (*restored, True)
 
     def _initial_state(self, cfg: TrainConfig):
         spe = data.num_batches(len(self.train_x), cfg.batch_size)
@@ -310,7 +313,8 @@ class _Run:
             self._cpu_clock = time.time()
             return
         per_step = (time.time() - self._cpu_clock) / 3
-        hint = "" if self.model_cfg.img_size <= 32 else "; --preset cifar (native 32x32 input) trains ~8x faster per image"
+        hint = ("" if self.model_cfg.img_size <= 32 else
+                "; --recipe fast (native 32x32 input, made for short budgets) gets further in minutes")
         epoch_s = per_step * self.steps_per_epoch
         eta = f"{epoch_s:.0f} s" if epoch_s < 120 else f"{epoch_s / 60:.0f} min"
         print(f"warning: no accelerator found, running on the CPU at ~{per_step:.2f} s/batch, "

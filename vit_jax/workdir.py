@@ -6,7 +6,8 @@
                             (epochs done, best accuracy so far, ...); the newest two are kept
     WORKDIR/best/<epoch>/   the parameters with the best test accuracy, with their epoch and accuracy
     WORKDIR/lock            held by the run that trains in the folder
-    WORKDIR/summary.md, curves.png, attention.png, analysis/, tensorboard/: made by the inspection commands
+    WORKDIR/summary.md, curves.png, compare.png, attention.png, analysis/, tensorboard/: made by the
+                            inspection commands
 
 Every file appears whole or not at all: plain files are written beside their target and renamed,
 checkpoints by orbax the same way, and each checkpoint is then sealed with a manifest of its files'
@@ -39,12 +40,13 @@ LATEST = "latest"
 BEST = "best"
 SUMMARY = "summary.md"
 CURVES = "curves.png"
+COMPARE = "compare.png"
 ATTENTION = "attention.png"
 ANALYSIS = "analysis"
 TENSORBOARD = "tensorboard"
 EXPORT = "best_model.pth"  # parity.export's default
 # What --fresh moves aside: everything a run made, but its config (rewritten) and lock (held).
-RUN_FILES = (LATEST, BEST, METRICS, TENSORBOARD, SUMMARY, CURVES, ATTENTION, ANALYSIS)
+RUN_FILES = (LATEST, BEST, METRICS, TENSORBOARD, SUMMARY, CURVES, COMPARE, ATTENTION, ANALYSIS)
 MANIFEST = "vit_jax_manifest.json"
 
 
