@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vit_jax import augment, config as config_lib, step
 from vit_jax.config import PRESETS, TrainConfig
@@ -151,16 +152,17 @@ def test_the_plan_fills_the_budget_with_whole_epochs_or_one_more_on_part_of_the_
     cfg = TrainConfig(epochs=20, batch_size=100, time_budget=10.0, warmup_epochs=1.0)
     speed = budget.Speed(step=1.0, compile=0.0, eval_batch=0.1)
     now = time.time()
-    usable = (600 - budget.END_SECONDS) * budget.SAFETY  # 572.3 s
+    usable = (600 - budget.END_SECONDS) * budget.SAFETY
+    assert usable == pytest.approx(560.5)
     # An epoch of 100 steps (100 s) and 10 evaluation batches (1 s) and the save (1 s): 5 whole epochs
-    # (510 s) leave 62 s; 6 epochs of 93 steps each train on more images (558 > 500 batches).
+    # (510 s) leave 50 s; 6 epochs of 91 steps each train on more images (546 > 500 batches).
     chosen, why = budget.plan(cfg, speed, now, train_batches=100, eval_batches=10)
-    assert (chosen.epochs, chosen.train_limit) == (6, 9_300) and int((usable / 6 - 2) // 1) == 93
-    assert "6 epochs of the first 9,300 training images (93 of 100 batches)" in why
-    # An evaluation of 89 s: 3 whole epochs of 190 s leave 2 s; a fourth would cost its evaluation
-    # and shorten each epoch to 53 steps (212 < 300 batches): the whole epochs win.
-    chosen, why = budget.plan(cfg, budget.Speed(step=1.0, compile=0.0, eval_batch=8.9), now, 100, 10)
+    assert (chosen.epochs, chosen.train_limit) == (6, 9_100) and int((usable / 6 - 2) // 1) == 91
+    assert "6 epochs of the first 9,100 training images (91 of 100 batches)" in why
+    # An evaluation of 85 s: 3 whole epochs of 186 s leave 2 s; a fourth would cost its evaluation
+    # and shorten each epoch to 54 steps (216 < 300 batches): the whole epochs win.
+    chosen, why = budget.plan(cfg, budget.Speed(step=1.0, compile=0.0, eval_batch=8.5), now, 100, 10)
     assert (chosen.epochs, chosen.train_limit) == (3, None) and why.endswith(": 3 epochs")
     # Less than one epoch: one, on the part that fits; warm-up shortened to half the run at most.
     chosen, why = budget.plan(dataclasses.replace(cfg, time_budget=1.0), speed, now, 100, 10)
-    assert chosen.epochs == 1 and chosen.train_limit == 4_600 and chosen.warmup_epochs == 0.5  # (48.5 s - 2 s) // 1 s
+    assert chosen.epochs == 1 and chosen.train_limit == 4_500 and chosen.warmup_epochs == 0.5  # (47.5 s - 2 s) // 1 s

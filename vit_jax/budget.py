@@ -18,7 +18,7 @@ import jax
 from vit_jax.config import TrainConfig
 from vit_jax.errors import UserError
 
-SAFETY = 0.97  # of the time left, the part planned: steps vary a little, and a plan must not overrun
+SAFETY = 0.95  # of the time left, the part planned: steps vary a little, and a plan must not overrun
 END_SECONDS = 10.0  # for what follows the last epoch: the summary, its curves, closing the checkpoints
 SAVE_SECONDS = 1.0  # per epoch, for the checkpoints (the best and the latest), measured as well below
 
