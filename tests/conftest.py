@@ -1,7 +1,18 @@
 """Shared test helpers: a small CIFAR-10 archive in the official binary layout, written on the spot."""
 
+import atexit
 import os
+import shutil
 import tarfile
+import tempfile
+
+# One compilation cache for the whole session, this process and every subprocess it starts (they
+# inherit the environment): most tests run the same tiny model in a new process, and compiling it
+# is a large part of such a process's time. Set before anything imports jax, removed at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vit_jax_test_jit_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import numpy as np
 import pytest

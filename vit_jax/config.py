@@ -83,8 +83,9 @@ PRESETS = {
     "cifar": ModelConfig(img_size=32, patch_size=4, embed_dim=256, depth=6, num_heads=4),
     # Tiny, for tests.
     "test": ModelConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
-    # The fast recipe's model: native 32x32 input, 4x4 patches, narrow, the mean of the tokens to the head.
-    "fast": ModelConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0,
+    # The fast recipe's model: native 32x32 input, 8x8 patches (16 tokens: ~4x the images per second of
+    # 4x4 patches, which wins at budgets of minutes on a CPU), narrow, the mean of the tokens to the head.
+    "fast": ModelConfig(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0,
                         class_token=False, global_pool="avg"),
     # The standard sizes (Dosovitskiy et al. 2021; Touvron et al. 2021 for Ti) at 224/16.
     "vit_ti16": ModelConfig(embed_dim=192, depth=12, num_heads=3),
