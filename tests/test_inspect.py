@@ -7,13 +7,14 @@ picture is opened to check its size in pixels.
 import csv
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import analyze, attention, data, evaluate, plot, predict, summary, train, visualize_attention
+from vit_jax import analyze, attention, data, evaluate, plot, predict, step, summary, train, visualize_attention
 from vit_jax.config import PRESETS, ModelConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
@@ -138,6 +139,31 @@ def test_analyze_confusion_matches_the_split_and_evaluate(run, cifar_archive):
     np.testing.assert_array_equal(np.array([r[1:] for r in table[1:]], int), cm)
     with open(paths["report_json"]) as f:
         assert json.load(f)["confusion"] == cm.tolist()
+
+
+
+def test_evaluate_analyze_and_predict_evaluate_as_the_run_did(run, cifar_archive, tmp_path):
+    """A run trained with --tta_flip is evaluated with it by default; a flag overrides either way."""
+    images, labels = data.load_split("test", archive=cifar_archive)
+    best = load_best(run)
+    logits = {flip: np.asarray(step.infer(best.model_cfg, best.params, images, tta_flip=flip)["logits"])
+              for flip in (False, True)}
+    assert not np.allclose(logits[False], logits[True], atol=1e-4)  # the mirror images do change them
+    loss = {flip: float(np.mean(step.cross_entropy(l, labels))) for flip, l in logits.items()}
+    tta_run = str(tmp_path / "tta")
+    shutil.copytree(run, tta_run)
+    with open(os.path.join(tta_run, "config.json")) as f:
+        config = json.load(f)
+    config["train"]["tta_flip"] = True
+    with open(os.path.join(tta_run, "config.json"), "w") as f:
+        json.dump(config, f)
+    for workdir, flags, flip in [(run, [], False), (tta_run, [], True), (tta_run, ["--no-tta_flip"], False),
+                                 (run, ["--tta_flip"], True)]:
+        assert evaluate.main(["--workdir", workdir, *flags])[0] == pytest.approx(loss[flip], rel=1e-5), (workdir, flags)
+        result = analyze.main(["--workdir", workdir, "--out", str(tmp_path / "analysis"), *flags])
+        np.testing.assert_allclose(result["probs"], predict.softmax(logits[flip]), atol=1e-5)
+    np.testing.assert_allclose(predict.predict_logits(best.model_cfg, best.params, images, tta_flip=True),
+                               logits[True], rtol=1e-5, atol=1e-5)
 
 
 def test_error_grid_shows_the_surest_mistakes_a_few_per_pair():

@@ -139,12 +139,13 @@ def write_csv(cm: np.ndarray, names, out: str) -> str:
 
 
 def analyze(model_cfg, params, images, labels, out_dir: str, title: str, batch_size: int = 256,
-            epoch: int | None = None) -> dict:
+            epoch: int | None = None, tta_flip: bool = False) -> dict:
     """Predicts every image and writes the four files; returns the report with the matrix as an array.
 
-    epoch: the training epoch the parameters are from, recorded in the report."""
+    epoch: the training epoch the parameters are from, recorded in the report; tta_flip: average each
+    image's logits with its mirror image's, as a run with --tta_flip evaluated."""
     names = class_names(model_cfg.num_classes)
-    probs = softmax(predict_logits(model_cfg, params, images, batch_size))
+    probs = softmax(predict_logits(model_cfg, params, images, batch_size, tta_flip))
     preds = probs.argmax(axis=1)
     cm = confusion_matrix(labels, preds, model_cfg.num_classes)
     shown = pick_errors(labels, preds, probs.max(axis=1))
@@ -175,6 +176,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="folder for the results (default: WORKDIR/analysis)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--test_limit", type=int, default=None, help="only the first N test images")
+    parser.add_argument("--tta_flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each image's logits with its mirror image's (default: as the run evaluated)")
     a = parser.parse_args(argv)
     if a.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {a.batch_size}")
@@ -183,7 +186,8 @@ def main(argv=None) -> dict:
     images, labels = data.load_split("test", limit=a.test_limit, **data.source(a, run.cfg))
     out_dir = a.out or os.path.join(a.workdir, ANALYSIS)
     result = analyze(run.model_cfg, run.params, images, labels, out_dir,
-                     f"Best model ({run.cfg.preset}, epoch {run.meta['epoch']})", a.batch_size, run.meta["epoch"])
+                     f"Best model ({run.cfg.preset}, epoch {run.meta['epoch']})", a.batch_size, run.meta["epoch"],
+                     run.cfg.tta_flip if a.tta_flip is None else a.tta_flip)
 
     print(f"Test accuracy {result['accuracy']:.2f}% on {result['images']:,} images. Per class:")
     for name, c in result["per_class"].items():

@@ -19,17 +19,21 @@ def main(argv=None):
     data.add_source_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--test_limit", type=int, default=None, help="only the first N test images")
+    parser.add_argument("--tta_flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each image's logits with its mirror image's (default: as the run evaluated)")
     a = parser.parse_args(argv)
     if a.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {a.batch_size}")
     run = load_best(a.workdir)
     images, labels = data.load_split("test", limit=a.test_limit, **data.source(a, run.cfg))
     parallel = DataParallel.create(a.batch_size)
-    eval_fn = step.jit_eval_step(parallel, run.model_cfg)
+    tta_flip = run.cfg.tta_flip if a.tta_flip is None else a.tta_flip
+    eval_fn = step.jit_eval_step(parallel, run.model_cfg, tta_flip)
     loss, acc = step.evaluate(eval_fn, parallel, parallel.replicate(run.params),
                               data.epoch_batches(images, labels, a.batch_size))
     print(f"Best model of {a.workdir} (epoch {run.meta['epoch']}, {run.cfg.preset}): "
-          f"Test Loss: {loss:.4f} | Test Acc: {acc:.2f}% on {len(images):,} images")
+          f"Test Loss: {loss:.4f} | Test Acc: {acc:.2f}% on {len(images):,} images"
+          f"{' and their mirror images' if tta_flip else ''}")
     return loss, acc
 
 

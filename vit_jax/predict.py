@@ -58,8 +58,10 @@ def load_images(paths) -> dict[str, np.ndarray]:
     return loaded
 
 
-def predict_logits(model_cfg: ModelConfig, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 images (N, 32, 32, 3) -> logits (N, C) float32, through the eval pipeline.
+def predict_logits(model_cfg: ModelConfig, params, images: np.ndarray, batch_size: int = 256,
+                   tta_flip: bool = False) -> np.ndarray:
+    """uint8 images (N, 32, 32, 3) -> logits (N, C) float32, through the eval pipeline (with the
+    mirror images' logits averaged in if tta_flip).
 
     Batches are padded to one size, so the apply compiles once however many images there are.
     """
@@ -68,7 +70,7 @@ def predict_logits(model_cfg: ModelConfig, params, images: np.ndarray, batch_siz
     batch_size = min(batch_size, len(images))
     out = []
     for x, _, mask in data.epoch_batches(images, np.zeros(len(images), np.int32), batch_size):
-        out.append(np.asarray(step.infer_jit(model_cfg, params, x)["logits"])[mask > 0])
+        out.append(np.asarray(step.infer_jit(model_cfg, params, x, tta_flip=tta_flip)["logits"])[mask > 0])
     return np.concatenate(out)
 
 
@@ -91,6 +93,8 @@ def main(argv=None) -> dict:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files in any format Pillow reads")
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
     parser.add_argument("--top", type=int, default=3, help="how many classes to print per image")
+    parser.add_argument("--tta_flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each image's logits with its mirror image's (default: as the run evaluated)")
     a = parser.parse_args(argv)
     if a.top <= 0:
         raise UserError(f"--top must be positive, got {a.top}")
@@ -98,7 +102,8 @@ def main(argv=None) -> dict:
     run = load_best(a.workdir)
     names = class_names(run.model_cfg.num_classes)
     loaded = load_images(a.images)
-    probs = softmax(predict_logits(run.model_cfg, run.params, np.stack(list(loaded.values()))))
+    tta_flip = run.cfg.tta_flip if a.tta_flip is None else a.tta_flip
+    probs = softmax(predict_logits(run.model_cfg, run.params, np.stack(list(loaded.values())), tta_flip=tta_flip))
     results = dict.fromkeys(a.images)  # in the order given; None for the files skipped
     print(f"Best model of {a.workdir} (epoch {run.meta['epoch']}, test accuracy {run.meta['test_acc']:.2f}% "
           f"when saved):")
