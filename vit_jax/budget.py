@@ -47,25 +47,34 @@ class Speed:
     eval_batch: float  # one evaluation batch, compiled
 
 
-def measure(train_fn, eval_fn, state, metrics, batch, key, eval_params, eval_metrics, steps: int = 8) -> Speed:
-    """Times train_fn and eval_fn on copies (both donate their inputs): nothing of the run is touched."""
+def measure(train_fn, eval_fn, state, metrics, batches, put, key, eval_params, eval_metrics, steps: int = 8,
+            min_seconds: float = 5.0) -> Speed:
+    """Times train_fn and eval_fn on copies (both donate their inputs): nothing of the run is touched.
+
+    Each timed step takes the next host batch from `batches` and puts it on the devices with `put`,
+    as the training loop does (at small batches, that host side is a fair part of a step), for
+    `steps` steps and at least `min_seconds`."""
     copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+    first = put(*next(batches))
     t = time.perf_counter()
-    s, m = train_fn(copy(state), copy(metrics), *batch, key)
+    s, m = train_fn(copy(state), copy(metrics), *first, key)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
-    s, m = train_fn(s, m, *batch, key)  # a step after compiling, not timed: caches warm up
+    s, m = train_fn(s, m, *put(*next(batches)), key)  # a step after compiling, not timed: caches warm up
     jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        s, m = train_fn(s, m, *batch, key)
+    t, n = time.perf_counter(), 0
+    while n < steps or time.perf_counter() - t < min_seconds:
+        s, m = train_fn(s, m, *put(*next(batches)), key)
+        n += 1
+        if n % steps == 0:
+            jax.block_until_ready(m)
     jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t) / steps
-    em = eval_fn(eval_params, copy(eval_metrics), *batch)
+    step_s = (time.perf_counter() - t) / n
+    em = eval_fn(eval_params, copy(eval_metrics), *first)
     jax.block_until_ready(em)
     t = time.perf_counter()
     for _ in range(3):
-        em = eval_fn(eval_params, em, *batch)
+        em = eval_fn(eval_params, em, *first)
     jax.block_until_ready(em)
     return Speed(step=step_s, compile=compile_s, eval_batch=(time.perf_counter() - t) / 3)
 

@@ -9,6 +9,7 @@ last good checkpoint stays the latest.
 """
 
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -171,10 +172,11 @@ class _Run:
         """--time_budget: measures a step and an evaluation batch here, chooses the epochs that fit,
         says so, and records them in config.json."""
         state = self._initial_state(cfg)
-        first = next(data.epoch_batches(self.train_x, self.train_y, cfg.batch_size))
+        epochs = (data.epoch_batches(self.train_x, self.train_y, cfg.batch_size, seed=cfg.seed, epoch=e)
+                  for e in itertools.count())
         speed = budget.measure(self.train_fn, self.eval_fn, state, self.parallel.replicate(step.zero_metrics()),
-                               self.parallel.put_batch(*first), self.key, step.eval_params(state),
-                               self.parallel.replicate(step.zero_metrics()))
+                               itertools.chain.from_iterable(epochs), self.parallel.put_batch, self.key,
+                               step.eval_params(state), self.parallel.replicate(step.zero_metrics()))
         chosen, why = budget.plan(cfg, speed, started, data.num_batches(len(self.train_x), cfg.batch_size),
                                   data.num_batches(len(self.test_x), cfg.batch_size))
         chosen = distributed.same_everywhere(chosen)  # process 0's measurement decides for all
