@@ -140,6 +140,31 @@ def test_an_interrupted_budgeted_run_resumes_with_the_length_it_chose(tmp_path, 
         assert [json.loads(line)["epoch"] for line in f] == list(range(1, chosen + 1))
 
 
+
+def test_steps_slower_than_measured_cut_the_last_epoch_short_and_the_run_ends_in_time(tmp_path, cifar_archive,
+                                                                                     monkeypatch, capsys):
+    """The plan's guard: past the deadline, the last epoch stops early and is evaluated; a rerun is done."""
+    from vit_jax import budget, train
+
+    monkeypatch.setattr(budget, "process_start", time.time)  # this test's start, not the suite's
+    monkeypatch.setattr(budget, "measure", lambda *a, **k: budget.Speed(step=1.0, compile=0.0, eval_batch=0.1))
+    monkeypatch.setattr(budget, "train_deadline", lambda *a, **k: 0.0)  # long past
+    args = ["--preset", "test", "--batch_size", "16", "--log_every", "1000", "--archive", cifar_archive,
+            "--workdir", str(tmp_path / "run"), "--time_budget", "1"]
+    train.main(args)
+    out = capsys.readouterr().out
+    with open(os.path.join(tmp_path, "run", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    chosen = json.loads(open(os.path.join(tmp_path, "run", "config.json")).read())["train"]
+    assert 1 < chosen["epochs"] == len(rows)  # the plan's epochs, all recorded
+    spe = -(-min(chosen["train_limit"] or 100, 100) // 16)
+    assert f"Budget: the last epoch stops after batch 1 of {spe}" in out
+    assert out.count("Budget: the last epoch stops") == 1  # only the last epoch is cut
+    assert (rows[-1]["train_acc"] * 16 / 100) == pytest.approx(round(rows[-1]["train_acc"] * 16 / 100))  # of 16 images
+    train.main(args)  # a rerun: nothing is left to train
+    again = capsys.readouterr().out
+    assert "Done: best test accuracy" in again and "Epoch 1/" not in again and "Plan:" not in again
+
 def test_a_budget_too_short_for_a_single_step_says_so(tmp_path, cifar_archive):
     run = subprocess.run(_budget_cmd(cifar_archive, str(tmp_path / "run"), 0.01), cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

@@ -121,3 +121,9 @@ def adopt_saved(cfg: TrainConfig, saved: TrainConfig) -> TrainConfig:
         return cfg
     return dataclasses.replace(cfg, epochs=saved.epochs, train_limit=saved.train_limit,
                                warmup_epochs=saved.warmup_epochs)
+
+
+def train_deadline(cfg: TrainConfig, speed: Speed, started: float, eval_batches: int) -> float:
+    """The wall-clock time after which the last epoch's training stops early, leaving time for its
+    evaluation, the saves and the end: the plan's guard against steps slower than measured."""
+    return started + cfg.time_budget * 60 - END_SECONDS - eval_batches * speed.eval_batch - SAVE_SECONDS

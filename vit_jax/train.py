@@ -129,6 +129,7 @@ class _Run:
         self.eval_fn = step.jit_eval_step(self.parallel, model_cfg, cfg.tta_flip)
         self.key = jax.random.key(cfg.seed)
         self.params = None if cfg.init_from is None else weights.load(cfg.init_from, model_cfg)
+        self.deadline = None  # with a budget planned here: when the last epoch's training must stop
         if cfg.time_budget and not workdir.has_run(cfg.workdir):
             cfg = self._plan(cfg, started)
         self.cfg = cfg
@@ -180,6 +181,7 @@ class _Run:
         chosen, why = budget.plan(cfg, speed, started, data.num_batches(len(self.train_x), cfg.batch_size),
                                   data.num_batches(len(self.test_x), cfg.batch_size))
         chosen = distributed.same_everywhere(chosen)  # process 0's measurement decides for all
+        self.deadline = budget.train_deadline(chosen, speed, started, data.num_batches(len(self.test_x), cfg.batch_size))
         print(f"Plan: {why}")
         if chosen.train_limit is not None:
             self.train_x, self.train_y = self.train_x[:chosen.train_limit], self.train_y[:chosen.train_limit]
@@ -246,12 +248,25 @@ class _Run:
                     self._warn_cpu()
                 if (i + 1) % cfg.log_every == 0:
                     self._log(epoch * spe + i, bar)
+                if epoch + 1 == cfg.epochs and i + 1 < spe and self._past_deadline(i):
+                    bar.write(f"Budget: the last epoch stops after batch {i + 1} of {spe}, to end within "
+                              f"--time_budget (the steps ran slower than measured)")
+                    return
                 stopping = self._stopping(i)
                 if i + 1 < spe and (stopping or (cfg.save_every and (i + 1) % cfg.save_every == 0)):
                     self._save_latest(t0)
                     if stopping:
                         print(f"Saved at epoch {epoch + 1}, batch {i + 1}/{spe}. Run the same command again to resume.")
                         raise Interrupted
+
+    def _past_deadline(self, i: int) -> bool:
+        """Whether the budget's deadline has passed (with many processes, as process 0 finds, checked
+        every STOP_CHECK_EVERY batches so that all stop at the same step)."""
+        if self.deadline is None:
+            return False
+        if jax.process_count() == 1:
+            return time.time() > self.deadline
+        return (i + 1) % STOP_CHECK_EVERY == 0 and distributed.any_process(time.time() > self.deadline)
 
     def _stopping(self, i: int) -> bool:
         """Whether to stop after batch i: a signal reached this process (or, with many, any process,
@@ -277,7 +292,7 @@ class _Run:
         seconds = time.time() - t0
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "test_loss": test_loss, "test_acc": test_acc, "seconds": round(seconds, 2),
-               "images_per_sec": round(len(self.train_x) / train_seconds, 1)}
+               "images_per_sec": round(float(jax.device_get(self.metrics["count"])) / train_seconds, 1)}
         print(f"Epoch {epoch + 1}: Train Loss: {train_loss:.4f} | Train Acc: {train_acc:.2f}% | "
               f"Test Loss: {test_loss:.4f} | Test Acc: {test_acc:.2f}% | {seconds:.1f}s "
               f"({row['images_per_sec']:.0f} img/s)")
