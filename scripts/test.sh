@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Sets up .venv (first run only) and runs the test suite: bash scripts/test.sh [pytest args]
-# The real-data test needs CIFAR10_NPZ (the JPEG copy) or CIFAR10_ARCHIVE (the official archive);
-# without either it is skipped and says so.
+# The real-data test needs VIT_JAX_CIFAR10_SOURCE: a folder with cifar-10-binary.tar.gz, or with the
+# offline copy's make_cifar10_archive.py (.ci/run points it at ../shared/data); without it, it is
+# skipped and says so.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh" "test"
 cd "$(dirname "$0")/.."
-exec python -m pytest "$@"
+# Two workers (pytest-xdist), a file each at a time (so a file's shared fixtures are built once): most
+# tests wait on a subprocess starting or compiling, single-threaded. PYTEST_WORKERS=0: one process.
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
