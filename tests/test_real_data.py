@@ -50,17 +50,16 @@ def test_prepared_offline_and_complete(real_cifar):
 
 
 def test_short_training_run_beats_chance_clearly(real_cifar, tmp_path):
-    """A small native-resolution ViT, one epoch on 10,000 images, tested on 2,000.
+    """The fast recipe's model, one epoch on 10,000 images (a short warm-up), tested on 2,000.
 
-    Measured on the CPU: 27.8% test accuracy (chance: 10%) in about a minute; a second epoch gave 32.4%.
+    Measured on a 2-core CPU: 32.4% test accuracy (chance: 10%) in 79 s from start to end.
     """
     workdir = str(tmp_path / "run")
-    _run("-m", "vit_jax.train", "--preset", "cifar", "--embed_dim", "128", "--depth", "4", "--num_heads", "4",
-         "--epochs", "1", "--lr", "1e-3", "--train_limit", "10000", "--test_limit", "2000",
-         "--data_dir", real_cifar, "--workdir", workdir)
+    _run("-m", "vit_jax.train", "--recipe", "fast", "--epochs", "1", "--warmup_epochs", "0.1",
+         "--train_limit", "10000", "--test_limit", "2000", "--data_dir", real_cifar, "--workdir", workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     print(rows)
     assert len(rows) == 1
     assert rows[0]["train_loss"] < 2.2, rows  # chance is ln 10 = 2.30
-    assert rows[0]["test_acc"] > 20.0, rows  # twice chance; measured 27.8%
+    assert rows[0]["test_acc"] > 20.0, rows  # twice chance; measured 32.4%
