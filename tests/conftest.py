@@ -68,17 +68,7 @@ def small_cifar(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar_archive(tmp_path_factory):
     """A small archive in the official format, 100 train and 32 test examples: for training runs
-    that read it with --archive (numpy, no TensorFlow)."""
+    that read it with --archive (numpy, no TensorFlow: the tfds path is tested in test_data)."""
     tmp = tmp_path_factory.mktemp("archive")
     write_cifar_archive(str(tmp), 20, 32, seed=1)
     return str(tmp / "cifar-10-binary.tar.gz")
-
-
-@pytest.fixture(scope="session")
-def prepared_cifar(cifar_archive, tmp_path_factory):
-    """A tfds data_dir prepared offline (vit_jax.prepare) from the same archive as cifar_archive's:
-    for runs that read through tfds, with --data_dir."""
-    from vit_jax import prepare
-
-    return prepare.prepare(cifar_archive, str(tmp_path_factory.mktemp("prepared") / "tfds"),
-                           allow_checksum_mismatch=True)

@@ -1,6 +1,7 @@
 """The CIFAR-10 pipeline: both sources (tfds, the archive with numpy), offline preparation of tfds
 'cifar10', batching, and the command line."""
 
+import json
 import os
 import shutil
 import signal
@@ -54,6 +55,19 @@ def test_both_sources_give_the_same_images_and_labels(small_cifar, prepared):
         assert sorted(zip(map(bytes, a[0]), a[1])) == sorted(zip(map(bytes, b[0]), b[1]))
     x, y = data.load_split("train", archive=small_cifar["archive"], limit=7)
     np.testing.assert_array_equal(x, small_cifar["train"][0][:7])
+
+
+def test_training_reads_either_source_to_the_same_metrics(small_cifar, prepared, tmp_path):
+    """`vit_jax.train --data_dir` (tfds) and `--archive` (numpy): one epoch each, the same numbers."""
+    from vit_jax import train
+
+    rows = {}
+    for flag, source in (("--data_dir", prepared), ("--archive", small_cifar["archive"])):
+        workdir = tmp_path / flag.strip("-")
+        train.main(["--preset", "test", "--epochs", "1", "--batch_size", "12", flag, source, "--workdir", str(workdir)])
+        rows[flag] = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_sec")}
+                      for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows["--archive"]) == 1 and rows["--data_dir"] == rows["--archive"]
 
 
 def test_prepare_refuses_an_unofficial_archive_without_the_flag(small_cifar, tmp_path):

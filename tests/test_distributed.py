@@ -29,7 +29,7 @@ def archive(tmp_path_factory):
 
 
 def _args(archive, workdir, *extra):
-    return ["--preset", "test", "--epochs", "3", "--batch_size", "32", "--log_every", "1", "--save_every", "4",
+    return ["--preset", "test", "--epochs", "2", "--batch_size", "32", "--log_every", "1", "--save_every", "4",
             "--archive", archive, "--workdir", workdir, *extra]
 
 

@@ -38,28 +38,29 @@ def real_cifar(tmp_path_factory):
     prepared = _run("-m", "vit_jax.data", "prepare", "--archive", archive, "--data_dir", data_dir,
                     "--allow_checksum_mismatch")
     print(prepared.stdout, prepared.stderr)
-    return data_dir
+    return {"archive": archive, "data_dir": data_dir}
 
 
 def test_prepared_offline_and_complete(real_cifar):
     from vit_jax import data
-    images, labels = data.load_split("test", real_cifar)
+    images, labels = data.load_split("test", real_cifar["data_dir"])
     assert images.shape == (10000, 32, 32, 3) and labels.shape == (10000,)
     assert sorted(set(labels.tolist())) == list(range(10))
     assert abs(images.mean() / 255 - 0.47) < 0.02  # CIFAR-10's mean brightness, not noise
 
 
 def test_short_training_run_beats_chance_clearly(real_cifar, tmp_path):
-    """The fast recipe's model, one epoch on 10,000 images (a short warm-up), tested on 2,000.
+    """The fast recipe's model, one epoch on 5,000 images (a short warm-up), tested on 1,000, read from
+    the archive (training reads either source to the same numbers: test_data.py).
 
-    Measured on a 2-core CPU: 32.4% test accuracy (chance: 10%) in 79 s from start to end.
+    Measured on a 2-core CPU: 30.1% test accuracy (chance: 10%).
     """
     workdir = str(tmp_path / "run")
     _run("-m", "vit_jax.train", "--recipe", "fast", "--epochs", "1", "--warmup_epochs", "0.1",
-         "--train_limit", "10000", "--test_limit", "2000", "--data_dir", real_cifar, "--workdir", workdir)
+         "--train_limit", "5000", "--test_limit", "1000", "--archive", real_cifar["archive"], "--workdir", workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     print(rows)
     assert len(rows) == 1
     assert rows[0]["train_loss"] < 2.2, rows  # chance is ln 10 = 2.30
-    assert rows[0]["test_acc"] > 20.0, rows  # twice chance; measured 32.4%
+    assert rows[0]["test_acc"] > 20.0, rows  # twice chance; measured 30.1%

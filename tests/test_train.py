@@ -65,18 +65,18 @@ def test_command_line_end_to_end_on_an_archive(tmp_path, capsys, cifar_archive):
         train.train_and_evaluate(*config_lib.parse_args(args[:1] + ["cifar"] + args[2:]))
 
 
-def _train_cmd(data_dir, workdir, *extra):
-    return ("vit_jax.train", "--preset", "test", "--epochs", "3", "--batch_size", "16",
+def _train_cmd(archive, workdir, *extra):
+    return ("vit_jax.train", "--preset", "test", "--epochs", "2", "--batch_size", "16",
             "--train_limit", "96", "--test_limit", "32", "--log_every", "1",
-            "--data_dir", data_dir, "--workdir", workdir, *extra)
+            "--archive", archive, "--workdir", workdir, *extra)
 
 
-def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path, prepared_cifar):
+def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path, cifar_archive):
     straight = str(tmp_path / "straight")
-    assert _cli(*_train_cmd(prepared_cifar, straight)).returncode == 0
+    assert _cli(*_train_cmd(cifar_archive, straight)).returncode == 0
 
     resumed = str(tmp_path / "resumed")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", *_train_cmd(prepared_cifar, resumed)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-u", "-m", *_train_cmd(cifar_archive, resumed)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # interrupt in the middle of epoch 2
         if line.startswith("Batch [3/6]") and os.path.exists(os.path.join(resumed, "metrics.jsonl")):
@@ -87,18 +87,18 @@ def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path
     assert "Run the same command again to resume" in out
     assert len(_rows(resumed)) == 1
 
-    again = _cli(*_train_cmd(prepared_cifar, resumed))
+    again = _cli(*_train_cmd(cifar_archive, resumed))
     assert again.returncode == 0, again.stderr
     assert "Resuming from" in again.stdout
     assert _without_timing(_rows(resumed)) == _without_timing(_rows(straight))
 
 
-def test_eight_devices_give_the_losses_of_one(tmp_path, prepared_cifar):
+def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     results = {}
     for n in (1, 8):
         workdir = str(tmp_path / f"dev{n}")
         env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-        run = _cli(*_train_cmd(prepared_cifar, workdir, "--epochs", "1"), env=env)
+        run = _cli(*_train_cmd(cifar_archive, workdir, "--epochs", "1"), env=env)
         assert run.returncode == 0, run.stderr
         assert f"Device: {n} x cpu" in run.stdout
         results[n] = _rows(workdir)[0]
