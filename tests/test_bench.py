@@ -10,16 +10,20 @@ from vit_jax.config import PRESETS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_prints_figures_and_the_breakdown_without_tensorflow():
+def test_bench_prints_figures_the_breakdown_and_the_profile_without_tensorflow():
     code = ("import sys; from vit_jax import bench; "
-            "r = bench.main(['--preset', 'test', '--batch_size', '16', '--steps', '3', '--warmup', '1', '--breakdown']); "
+            "r = bench.main(['--preset', 'test', '--batch_size', '16', '--steps', '3', '--warmup', '1', '--breakdown', "
+            "'--profile']); "
             "assert r['images_per_sec'] > 0 and r['tflops_per_step'] > 0 and r['compile_s'] > 0, r; "
             "assert r['memory_bytes'] > 0 and all(v > 0 for k, v in r['breakdown_ms'].items() if k != 'backward'), r; "
+            "ops = r['profile_ms']; assert ops and all(v > 0 for v in ops.values()), ops; "
+            "assert not [k for k in ops if k.split('.')[-1].isdigit() or ':' in k], ops; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'torch')]")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     for label in ("compile:", "first step at:", "images/s", "FLOPs per step:", "MFU:", "step memory:",
-                  "augmentation", "forward", "backward", "optimizer update", "the whole step, fused"):
+                  "augmentation", "forward", "backward", "optimizer update", "the whole step, fused",
+                  "by kind of XLA operation"):
         assert label in run.stdout, label
 
 

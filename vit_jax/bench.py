@@ -4,12 +4,18 @@ Prints compile time, time to the first step, ms per step and images/s after warm
 step's memory, and the model FLOP utilization: FLOPs counted from the model's shapes (`train_flops`)
 over the device's peak. (XLA's own count, from its cost analysis, is printed beside it; it cannot see
 inside cuDNN's fused attention.) `--breakdown` also times the step's parts alone: augmentation,
-forward, backward and the optimizer update. Random uint8 batches stand in for data: no dataset,
-no TensorFlow, no tfds.
+forward, backward and the optimizer update; `--profile` traces the whole step and adds up the time of
+each kind of XLA operation (on the CPU: matmul fusions, transposed copies, elementwise fusions...).
+Random uint8 batches stand in for data: no dataset, no TensorFlow, no tfds.
 """
 
 import argparse
+import collections
 import dataclasses
+import glob
+import os
+import re
+import tempfile
 import time
 
 import jax
@@ -90,8 +96,9 @@ def _random_batch(batch_size: int):
 
 
 def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None,
-        attention: str = "auto", grad_accum: int = 1) -> dict:
-    """Times the train step; first_step_s counts from this call (state, compile, first step)."""
+        attention: str = "auto", grad_accum: int = 1, profile: bool = False) -> dict:
+    """Times the train step; first_step_s counts from this call (state, compile, first step).
+    profile: also `op_times` of the step, as 'profile_ms'."""
     started = time.perf_counter()
     model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, attention=attention).validate()
     cfg = TrainConfig(preset=preset, batch_size=batch_size, grad_accum=grad_accum).validate()
@@ -117,6 +124,7 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t) / steps
 
+    ops = op_times(lambda s, m: compiled(s, m, *batch, key), state, metrics, steps) if profile else None
     device = jax.local_devices()[0]
     flops = train_flops(model_cfg, batch_size)  # for the whole (global) batch
     peak = peak or peak_tflops(device, dtype)
@@ -129,8 +137,43 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
         "images_per_sec": batch_size / step_s, "tflops_per_step": flops / 1e12,
         "xla_tflops_per_step": xla_flops(compiled) / 1e12, "achieved_tflops": flops / step_s / 1e12,
         "peak_tflops": peak, "mfu": flops / step_s / (peak * 1e12 * n) if peak else None,
-        "memory_bytes": memory_bytes(compiled),
+        "memory_bytes": memory_bytes(compiled), "profile_ms": ops,
     }
+
+
+# An XLA operation's event in a trace is named after its HLO instruction: 'ynn_fusion.47', 'copy.3',
+# 'dot'. The runtime's own events ('ThunkExecutor::Execute', 'end: copy.3') and Python's are not.
+_OP_EVENT = re.compile(r"^([A-Za-z][\w-]*?)(\.\d+)?$")
+
+
+def op_times(step_fn, state, metrics, steps: int) -> dict:
+    """{kind of XLA operation: ms per step}, from a jax.profiler trace of `steps` calls of
+    step_fn(state, metrics) -> (state, metrics). Kinds are instruction names less their number
+    ('ynn_fusion', 'transpose_copy_fusion'); times are summed over the threads that ran them."""
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(steps):
+                state, metrics = step_fn(state, metrics)
+            jax.block_until_ready(metrics)
+        (path,) = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    ns = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                match = _OP_EVENT.match(event.name)
+                if match:
+                    ns[match.group(1)] += event.duration_ns
+    return {kind: t / 1e6 / steps for kind, t in ns.most_common()}
+
+
+def print_op_times(ms: dict, top: int = 12):
+    total = sum(ms.values())
+    print(f"  where the step's time goes by kind of XLA operation (traced; summed over threads: {total:.1f} ms):")
+    for kind, t in list(ms.items())[:top]:
+        print(f"    {kind:<28} {t:9.1f} ms  {100 * t / total:5.1f}%")
 
 
 def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int) -> dict:
@@ -185,12 +228,14 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true",
                         help="also time augmentation, forward, backward and the optimizer update apart")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace the step and add up the time of each kind of XLA operation")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU (known GPUs are looked up)")
     a = parser.parse_args(argv)
     if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0:
         raise UserError("batch_size and steps must be positive, warmup non-negative")
-    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum)
+    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"
     accum = f" in {a.grad_accum} micro-batches" if a.grad_accum > 1 else ""
@@ -206,6 +251,8 @@ def main(argv=None):
     if a.breakdown:
         r["breakdown_ms"] = breakdown(a.preset, a.batch_size, a.dtype, a.steps, a.warmup)
         print_breakdown(r["breakdown_ms"])
+    if a.profile:
+        print_op_times(r["profile_ms"])
     return r
 
 
