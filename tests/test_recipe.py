@@ -140,7 +140,6 @@ def test_an_interrupted_budgeted_run_resumes_with_the_length_it_chose(tmp_path, 
         assert [json.loads(line)["epoch"] for line in f] == list(range(1, chosen + 1))
 
 
-
 def test_steps_slower_than_measured_cut_the_last_epoch_short_and_the_run_ends_in_time(tmp_path, cifar_archive,
                                                                                      monkeypatch, capsys):
     """The plan's guard: past the deadline, the last epoch stops early and is evaluated; a rerun is done."""
@@ -164,6 +163,7 @@ def test_steps_slower_than_measured_cut_the_last_epoch_short_and_the_run_ends_in
     train.main(args)  # a rerun: nothing is left to train
     again = capsys.readouterr().out
     assert "Done: best test accuracy" in again and "Epoch 1/" not in again and "Plan:" not in again
+
 
 def test_a_budget_too_short_for_a_single_step_says_so(tmp_path, cifar_archive):
     run = subprocess.run(_budget_cmd(cifar_archive, str(tmp_path / "run"), 0.01), cwd=ROOT, capture_output=True,

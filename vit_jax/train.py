@@ -178,10 +178,11 @@ class _Run:
         speed = budget.measure(self.train_fn, self.eval_fn, state, self.parallel.replicate(step.zero_metrics()),
                                itertools.chain.from_iterable(epochs), self.parallel.put_batch, self.key,
                                step.eval_params(state), self.parallel.replicate(step.zero_metrics()))
+        eval_batches = data.num_batches(len(self.test_x), cfg.batch_size)
         chosen, why = budget.plan(cfg, speed, started, data.num_batches(len(self.train_x), cfg.batch_size),
-                                  data.num_batches(len(self.test_x), cfg.batch_size))
+                                  eval_batches)
         chosen = distributed.same_everywhere(chosen)  # process 0's measurement decides for all
-        self.deadline = budget.train_deadline(chosen, speed, started, data.num_batches(len(self.test_x), cfg.batch_size))
+        self.deadline = budget.train_deadline(chosen, speed, started, eval_batches)
         print(f"Plan: {why}")
         if chosen.train_limit is not None:
             self.train_x, self.train_y = self.train_x[:chosen.train_limit], self.train_y[:chosen.train_limit]
@@ -260,20 +261,20 @@ class _Run:
                         raise Interrupted
 
     def _past_deadline(self, i: int) -> bool:
-        """Whether the budget's deadline has passed (with many processes, as process 0 finds, checked
-        every STOP_CHECK_EVERY batches so that all stop at the same step)."""
-        if self.deadline is None:
-            return False
-        if jax.process_count() == 1:
-            return time.time() > self.deadline
-        return (i + 1) % STOP_CHECK_EVERY == 0 and distributed.any_process(time.time() > self.deadline)
+        """Whether the budget's deadline has passed, after batch i (see `_together`)."""
+        return self.deadline is not None and self._together(i, lambda: time.time() > self.deadline)
 
     def _stopping(self, i: int) -> bool:
-        """Whether to stop after batch i: a signal reached this process (or, with many, any process,
-        as they find out together every STOP_CHECK_EVERY batches, so that all save the same step)."""
+        """Whether to stop after batch i: a signal reached this process (see `_together`)."""
+        return self._together(i, lambda: bool(self.stop))
+
+    @staticmethod
+    def _together(i: int, flag) -> bool:
+        """flag() here; with many processes, whether it holds in any of them, asked every
+        STOP_CHECK_EVERY batches, so that all act after the same batch."""
         if jax.process_count() == 1:
-            return bool(self.stop)
-        return (i + 1) % STOP_CHECK_EVERY == 0 and distributed.any_process(bool(self.stop))
+            return flag()
+        return (i + 1) % STOP_CHECK_EVERY == 0 and distributed.any_process(flag())
 
     def _log(self, global_batch: int, bar):
         """The running loss and accuracy of the epoch so far: printed, and to TensorBoard."""
