@@ -77,7 +77,7 @@ def restore(a) -> tuple[ModelConfig, dict, dict | None, str, TrainConfig]:
                             f"{fix}") from None
         return model_cfg, params, state_dict, f"PyTorch checkpoint {a.checkpoint}", cfg
     model_cfg = PRESETS[a.preset]
-    params = jax.device_get(jax.jit(lambda key: init_params(model_cfg, key))(jax.random.key(a.seed)))
+    params = jax.device_get(init_params(model_cfg, jax.random.key(a.seed)))
     return model_cfg, params, None, f"random init of preset {a.preset!r} (seed {a.seed}; no checkpoint given)", cfg
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from vit_jax import data
 from vit_jax.errors import UserError, cli
-from vit_jax.figure import figsize, plt, save
+from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, predict_logits, softmax
 from vit_jax.workdir import ANALYSIS, atomic_open, load_best
 
@@ -58,7 +58,7 @@ def plot_confusion(cm: np.ndarray, names, title: str, out: str) -> str:
     with the counts written in; beside it the accuracy of each class."""
     counts = cm.sum(axis=1, keepdims=True)
     share = cm / np.maximum(counts, 1)
-    fig, (ax, bar) = plt.subplots(1, 2, figsize=figsize(*CONFUSION_PX), width_ratios=(1.35, 1),
+    fig, (ax, bar) = subplots(1, 2, figsize=figsize(*CONFUSION_PX), width_ratios=(1.35, 1),
                                   layout="constrained")
     fig.suptitle(title, fontsize=11)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -117,7 +117,7 @@ def plot_errors(images, labels, shown, preds, confidence, names, title: str, out
     """A grid of the images `shown` (indices), with true and predicted class and the confidence."""
     width, height = errors_size(len(shown))
     rows = height // ERROR_CELL_PX
-    fig, axes = plt.subplots(rows, ERROR_COLS, figsize=figsize(width, height), squeeze=False,
+    fig, axes = subplots(rows, ERROR_COLS, figsize=figsize(width, height), squeeze=False,
                              layout="constrained")
     fig.suptitle(title, fontsize=10)
     for ax in axes.flat:

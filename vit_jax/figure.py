@@ -1,17 +1,22 @@
 """Pictures: matplotlib set up once, headless, at one resolution, for every command that draws.
 
 Figures are sized in pixels (`figsize(width, height)`) and saved without bbox_inches="tight", so a
-PNG has exactly the size its command says.
+PNG has exactly the size its command says. matplotlib is imported on the first picture, not with
+this module: it takes a second, which a training run spends only at its end, when it draws its curves.
 """
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display needed, none opened
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
 DPI = 100
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figsize(width_px: int, height_px: int) -> tuple[float, float]:
@@ -19,9 +24,14 @@ def figsize(width_px: int, height_px: int) -> tuple[float, float]:
     return width_px / DPI, height_px / DPI
 
 
+def subplots(*args, **kwargs):
+    """matplotlib.pyplot.subplots on the headless backend: (figure, axes)."""
+    return _pyplot().subplots(*args, **kwargs)
+
+
 def save(fig, out: str) -> str:
     """Writes the figure as a PNG at `out` (creating its folder) and closes it; returns `out`."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out

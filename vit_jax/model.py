@@ -8,6 +8,8 @@ here and NCHW in PyTorch. The linear layers (`layers.py`) have nn.Dense's and nn
 and compute the same numbers, with a backward pass that is faster on the CPU.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -166,8 +168,10 @@ class VisionTransformer(nn.Module):
         return (logits, stages) if return_stages else logits
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng: jax.Array):
-    """Random initial parameters for `config` (float32)."""
+    """Random initial parameters for `config` (float32). Jitted: one compiled program instead of a
+    compilation per initializer (the same bits, and seconds less at every start)."""
     dummy = jnp.zeros((1, config.img_size, config.img_size, 3), jnp.float32)
     return VisionTransformer(config).init(rng, dummy)["params"]
 

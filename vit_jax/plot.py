@@ -12,7 +12,7 @@ import argparse
 import os
 
 from vit_jax.errors import cli
-from vit_jax.figure import figsize, plt, save
+from vit_jax.figure import figsize, save, subplots
 from vit_jax.workdir import COMPARE, CURVES, finished_epochs, read_config
 
 CURVES_PX = (1500, 450)  # (width, height) of curves.png
@@ -27,7 +27,7 @@ def best_row(rows: list[dict]) -> dict:
 def plot_curves(rows: list[dict], out: str, title: str = "") -> str:
     epochs = [r["epoch"] for r in rows]
     best = best_row(rows)
-    fig, axes = plt.subplots(1, 3, figsize=figsize(*CURVES_PX), layout="constrained")
+    fig, axes = subplots(1, 3, figsize=figsize(*CURVES_PX), layout="constrained")
     if title:
         fig.suptitle(title, fontsize=11)
     panels = [("loss", "cross-entropy loss"), ("acc", "accuracy (%)")]
@@ -65,7 +65,7 @@ def plot_run(workdir: str, out: str | None = None) -> str:
 def plot_comparison(workdirs: list[str], out: str) -> str:
     """Test accuracy and training loss of several runs against wall-clock minutes (training and
     evaluation, start-up left out), one line each."""
-    fig, axes = plt.subplots(1, 2, figsize=figsize(*COMPARE_PX), layout="constrained")
+    fig, axes = subplots(1, 2, figsize=figsize(*COMPARE_PX), layout="constrained")
     for workdir in workdirs:
         rows, (cfg, _) = finished_epochs(workdir), read_config(workdir)
         minutes = [sum(r["seconds"] for r in rows[:i + 1]) / 60 for i in range(len(rows))]

@@ -13,7 +13,7 @@ import numpy as np
 
 from vit_jax import attention, data
 from vit_jax.errors import UserError, cli
-from vit_jax.figure import figsize, plt, save
+from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, load_images, softmax
 from vit_jax.workdir import ATTENTION, load_best
 
@@ -35,7 +35,7 @@ def draw(images: np.ndarray, rollout_maps: np.ndarray, head_maps: np.ndarray, la
     heads_up = attention.upsample(head_maps, side)  # (B, H, S, S)
     maps_raw = [[rollout_maps[b]] + list(head_maps[b]) for b in range(num_images)]  # patch resolution
     width, height = figure_size(num_images, num_heads)
-    fig, axes = plt.subplots(num_images, 2 + num_heads, figsize=figsize(width, height), squeeze=False,
+    fig, axes = subplots(num_images, 2 + num_heads, figsize=figsize(width, height), squeeze=False,
                              layout="constrained")
     fig.suptitle(f"{title}\nEach map is stretched from its minimum (blue) to its maximum (red); "
                  f"peak: its maximum over its mean (1.0x is flat)", fontsize=9)
