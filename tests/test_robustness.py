@@ -23,7 +23,7 @@ TIMING = ("seconds", "images_per_sec")
 
 
 def _cmd(archive, workdir, *extra):
-    return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--epochs", "3",
+    return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--epochs", "6",
             "--batch_size", "16", "--train_limit", "96", "--test_limit", "32", "--log_every", "1",
             "--save_every", "2", "--archive", archive, "--workdir", workdir, *extra]
 
@@ -53,7 +53,7 @@ def _assert_same_params(a, b):
 
 @pytest.fixture(scope="module")
 def straight(cifar_archive, tmp_path_factory):
-    """An uninterrupted run to compare against."""
+    """An uninterrupted run to compare against: 6 epochs of 6 steps."""
     workdir = str(tmp_path_factory.mktemp("straight") / "run")
     run = _run(_cmd(cifar_archive, workdir))
     assert run.returncode == 0, run.stderr
@@ -70,15 +70,13 @@ def _is_marker(line: str, marker: str) -> bool:
 
 
 @pytest.mark.faults
-def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar_archive, tmp_path):
-    straight = str(tmp_path / "straight")
-    assert _run(_cmd(cifar_archive, straight, "--epochs", "6")).returncode == 0
+def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar_archive, straight, tmp_path):
     rng = random.Random(0)
     workdir = str(tmp_path / "killed")
     kills, where = 0, []
     for attempt in range(16):
         marker, delay = rng.choice(MARKERS), rng.uniform(0.0, 0.3)
-        proc = subprocess.Popen(_cmd(cifar_archive, workdir, "--epochs", "6"), cwd=ROOT, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(_cmd(cifar_archive, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         seen = []
         for line in proc.stdout:
@@ -99,7 +97,7 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar
         if kills == 6:
             break
     assert kills >= 6, kills
-    final = _run(_cmd(cifar_archive, workdir, "--epochs", "6"))
+    final = _run(_cmd(cifar_archive, workdir))
     assert final.returncode == 0, final.stderr
     assert "damaged checkpoint" not in final.stderr
     assert _metrics(workdir) == _metrics(straight)
@@ -122,14 +120,14 @@ def _damage(workdir, step):
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(cifar_archive, straight, tmp_path):
     workdir = str(tmp_path / "run")
-    assert _run(_cmd(cifar_archive, workdir, "--epochs", "3")).returncode == 0
+    assert _run(_cmd(cifar_archive, workdir)).returncode == 0
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "latest")) if s.isdigit())
-    assert steps == [16, 18]
-    _damage(workdir, 18)
+    assert steps == [34, 36]
+    _damage(workdir, 36)
     rerun = _run(_cmd(cifar_archive, workdir))
     assert rerun.returncode == 0, rerun.stderr
-    assert f"skipping damaged checkpoint {os.path.abspath(workdir)}/latest/18" in rerun.stderr
-    assert "Resuming from" in rerun.stdout and "step 16" in rerun.stdout
+    assert f"skipping damaged checkpoint {os.path.abspath(workdir)}/latest/36" in rerun.stderr
+    assert "Resuming from" in rerun.stdout and "step 34" in rerun.stdout
     assert _metrics(workdir) == _metrics(straight)
 
 
