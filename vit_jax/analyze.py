@@ -59,7 +59,7 @@ def plot_confusion(cm: np.ndarray, names, title: str, out: str) -> str:
     counts = cm.sum(axis=1, keepdims=True)
     share = cm / np.maximum(counts, 1)
     fig, (ax, bar) = subplots(1, 2, figsize=figsize(*CONFUSION_PX), width_ratios=(1.35, 1),
-                                  layout="constrained")
+                              layout="constrained")
     fig.suptitle(title, fontsize=11)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     n = len(names)
@@ -118,7 +118,7 @@ def plot_errors(images, labels, shown, preds, confidence, names, title: str, out
     width, height = errors_size(len(shown))
     rows = height // ERROR_CELL_PX
     fig, axes = subplots(rows, ERROR_COLS, figsize=figsize(width, height), squeeze=False,
-                             layout="constrained")
+                         layout="constrained")
     fig.suptitle(title, fontsize=10)
     for ax in axes.flat:
         ax.axis("off")

@@ -36,7 +36,7 @@ def draw(images: np.ndarray, rollout_maps: np.ndarray, head_maps: np.ndarray, la
     maps_raw = [[rollout_maps[b]] + list(head_maps[b]) for b in range(num_images)]  # patch resolution
     width, height = figure_size(num_images, num_heads)
     fig, axes = subplots(num_images, 2 + num_heads, figsize=figsize(width, height), squeeze=False,
-                             layout="constrained")
+                         layout="constrained")
     fig.suptitle(f"{title}\nEach map is stretched from its minimum (blue) to its maximum (red); "
                  f"peak: its maximum over its mean (1.0x is flat)", fontsize=9, wrap=True)  # few heads: narrow
     columns = ["rollout, all layers"] + [f"last layer, head {h + 1}" for h in range(num_heads)]
