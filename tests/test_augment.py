@@ -97,4 +97,15 @@ def test_rotate_turns_about_the_centre_and_fills_zeros():
 
 def test_no_flip_crop_leaves_the_images_as_they_are():
     x = _images()
-    np.testing.assert_allclose(augment.augment(jax.random.key(0), x, 32, flip_crop=False), augment.preprocess(x, 32))
+    plain = augment.augment(jax.random.key(0), x, 32, flips=False, crops=False)
+    np.testing.assert_allclose(plain, augment.preprocess(x, 32))
+
+
+def test_flip_alone_gives_each_image_or_its_mirror_uncropped():
+    x = _images(16)
+    plain = np.asarray(augment.preprocess(x, 32))
+    out = np.asarray(augment.augment(jax.random.key(5), x, 32, crops=False))
+    mirrored = [np.array_equal(o, p[:, ::-1]) for o, p in zip(out, plain)]
+    kept = [np.array_equal(o, p) for o, p in zip(out, plain)]
+    assert all(m or k for m, k in zip(mirrored, kept))
+    assert any(mirrored) and any(kept)

@@ -70,11 +70,12 @@ def _jitter(key, x, strength: float):
     return jnp.clip((x - gray(x)) * s + gray(x), 0, 1)
 
 
-def _augment_one(key, x, flip_crop: bool, rotation: float, color_jitter: float):
+def _augment_one(key, x, flips: bool, crops: bool, rotation: float, color_jitter: float):
     """One resized [0, 1] image (S, S, 3): flip, padded crop, optional rotation and jitter."""
     k_flip, k_crop, k_rot, k_jit = jax.random.split(key, 4)
-    if flip_crop:
+    if flips:
         x = jnp.where(jax.random.bernoulli(k_flip), flip(x), x)
+    if crops:
         x = _random_crop(k_crop, x)
     if rotation:  # an angle drawn uniformly from [-rotation, rotation] degrees
         x = rotate(x, jax.random.uniform(k_rot, minval=-rotation, maxval=rotation) * jnp.pi / 180)
@@ -83,14 +84,16 @@ def _augment_one(key, x, flip_crop: bool, rotation: float, color_jitter: float):
     return x
 
 
-def augment(key, images, img_size: int, rotation: float = 0.0, color_jitter: float = 0.0, flip_crop: bool = True):
+def augment(key, images, img_size: int, rotation: float = 0.0, color_jitter: float = 0.0, flips: bool = True,
+            crops: bool = True):
     """Training: uint8 (B, 32, 32, 3) -> augmented, normalized float32 (B, S, S, 3).
 
     Each image gets its own key, so the result depends only on `key`, never on the batch split.
-    flip_crop False leaves out the flip and the crop (and with no rotation or jitter, everything).
+    flips / crops False leave out the random flip / crop (all four off: the images as they are).
     """
     x = resize(images, img_size)
-    if flip_crop or rotation or color_jitter:
+    if flips or crops or rotation or color_jitter:
         keys = jax.random.split(key, x.shape[0])
-        x = jax.vmap(_augment_one, in_axes=(0, 0, None, None, None))(keys, x, flip_crop, rotation, color_jitter)
+        x = jax.vmap(_augment_one, in_axes=(0, 0, None, None, None, None))(keys, x, flips, crops, rotation,
+                                                                           color_jitter)
     return normalize(x)

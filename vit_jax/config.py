@@ -133,6 +133,7 @@ class TrainConfig:
                                             "own speed and chooses the epochs that fit (they go to config.json)")
     augment: bool = field(True, "random horizontal flip and random crop with padding 4, the tutorial's; "
                                 "--no-augment trains on the images as they are")
+    crop: bool = field(True, "with --augment, the random crop too; --no-crop: the random flip alone")
     rotation: float = field(0.0, "random rotation up to this many degrees (the tutorial's tip: 15)")
     color_jitter: float = field(0.0, "random brightness, contrast and saturation of this strength (tip: 0.2)")
     log_every: int = field(100, "print the running loss and accuracy every N batches", resumable=True)

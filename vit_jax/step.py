@@ -161,12 +161,13 @@ class Settings:
     ema_decay: float = 0.0
     tta_flip: bool = False
     grad_accum: int = 1
-    flip_crop: bool = True
+    flips: bool = True
+    crops: bool = True
 
     @classmethod
     def of(cls, model_cfg: ModelConfig, cfg: TrainConfig) -> "Settings":
         return cls(model_cfg.img_size, cfg.rotation, cfg.color_jitter, cfg.label_smoothing, cfg.ema_decay,
-                   cfg.tta_flip, cfg.grad_accum, cfg.augment)
+                   cfg.tta_flip, cfg.grad_accum, cfg.augment, cfg.augment and cfg.crop)
 
 
 def train_step(state: TrainState, metrics: dict, images, labels, mask, key, settings: Settings):
@@ -180,7 +181,7 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, sett
     step_key = jax.random.fold_in(key, state.step)
     aug_key, dropout_key = jax.random.split(step_key)
     x = augment.augment(aug_key, images, settings.img_size, settings.rotation, settings.color_jitter,
-                        settings.flip_crop)
+                        settings.flips, settings.crops)
 
     def loss_fn(params, x, labels, mask, rng, per: str):
         """The batch's summed or mean loss (per='sum' or 'mean'), and its running sums."""
