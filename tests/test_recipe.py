@@ -31,7 +31,7 @@ def _batch(n=16, seed=0):
 def test_recipes_set_defaults_that_flags_override():
     fast, fast_model = config_lib.parse_args(["--recipe", "fast"])
     assert fast.preset == "fast" and fast.lr == 1e-3 and fast.batch_size == 64 and fast.label_smoothing == 0.1
-    assert fast.tta_flip and not fast.augment
+    assert fast.tta_flip and fast.augment and not fast.crop
     assert fast_model == PRESETS["fast"] and fast_model.global_pool == "avg" and not fast_model.class_token
     cfg, model = config_lib.parse_args(["--recipe", "fast", "--lr", "1e-3", "--no-tta_flip", "--embed_dim", "96"])
     assert cfg.lr == 1e-3 and not cfg.tta_flip and model.embed_dim == 96 and model.global_pool == "avg"
