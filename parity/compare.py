@@ -11,8 +11,9 @@ table shows how far apart their logits and every named stage are. Exit status 0 
 within the tolerance and every argmax agrees, 1 otherwise, naming the first stage that diverges.
 
 --train_steps N also trains both from the same weights on the same N batches, dropout off: optax's
-AdamW and schedule on one side, torch.optim.AdamW and CosineAnnealingLR on the other. Accuracies and
-the argmax agreement are percentages, in the table and in --json.
+AdamW and schedule on one side, torch.optim.AdamW and CosineAnnealingLR on the other (both clipping
+the gradients first when the run used --grad_clip). Accuracies and the argmax agreement are
+percentages, in the table and in --json.
 """
 
 import argparse
@@ -154,20 +155,20 @@ def _global_norm(tensors) -> float:
 
 
 def _jax_side(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int):
-    """optax's AdamW and schedule, and a jitted step (params, opt_state, x, y) -> (params, opt_state, loss, grads)."""
-    tx = step.make_optimizer(cfg, steps_per_epoch)
+    """The run's schedule, and a jitted step (params, opt_state, x, y, count) -> (params, opt_state, loss,
+    grads) with the run's optimizer: vit_jax.step's, at the schedule's rate for update `count`."""
+    tx, schedule = step.make_optimizer(cfg), step.Schedule.of(cfg, steps_per_epoch)
     apply = FlaxViT(model_cfg).apply
 
     @jax.jit
-    def update(params, opt_state, x, y):
+    def update(params, opt_state, x, y, count):
         def loss_fn(p):
             return optax.softmax_cross_entropy_with_integer_labels(apply({"params": p}, x), y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads
+        return *step.adamw_update(tx, params, opt_state, grads, schedule(count)), loss, grads
 
-    return tx, step.make_schedule(cfg, steps_per_epoch), update
+    return tx, schedule, update
 
 
 def _drift(start_params, final_params, model: TorchViT, model_cfg: ModelConfig) -> dict:
@@ -213,7 +214,7 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
         idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(images)  # cycles a short split
         x, y = np.asarray(augment.preprocess(images[idx], model_cfg.img_size)), labels[idx]
         lr_jax, lr_torch = float(schedule(i)), optimizer.param_groups[0]["lr"]
-        params, opt_state, loss_j, grads_j = jax_update(params, opt_state, x, y)
+        params, opt_state, loss_j, grads_j = jax_update(params, opt_state, x, y, i)
         optimizer.zero_grad()
         loss_t = F.cross_entropy(model(nchw(x, _device(model))), torch.from_numpy(y.astype(np.int64)).to(_device(model)))
         loss_t.backward()
@@ -221,6 +222,8 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
             gj = flax_to_torch(grads_j, model_cfg)
             gt = {n: p.grad.cpu() for n, p in model.named_parameters()}
             grad_rel = _global_norm((gj[n] - gt[n]).numpy() for n in gj) / _global_norm(g.numpy() for g in gj.values())
+        if cfg.grad_clip:  # as optax.clip_by_global_norm before AdamW on the JAX side
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if (i + 1) % steps_per_epoch == 0:
             scheduler.step()

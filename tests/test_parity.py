@@ -35,8 +35,8 @@ def trained_params(random_params):
     """`test` weights after 40 AdamW steps at a high rate, far from their initialization."""
     cfg = TrainConfig(preset="test", lr=3e-3)
     mesh = DataParallel.create(32)
-    state = mesh.replicate(step.create_train_state(CFG, cfg, steps_per_epoch=100, params=random_params))
-    train_fn = step.jit_train_step(mesh, step.Settings(CFG.img_size))
+    state = mesh.replicate(step.create_train_state(CFG, cfg, params=random_params))
+    train_fn = step.jit_train_step(mesh, step.Settings(CFG.img_size), step.Schedule.of(cfg, 100))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 32).astype(np.int32)
     images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (32, 32, 32, 3)), 0, 255)
@@ -227,15 +227,14 @@ def test_adamw_steps_agree_given_the_same_gradients(trained_params):
              for _ in range(6)]
     for decay_all in (True, False):
         cfg = TrainConfig(preset="test", lr=1e-3, weight_decay=0.1, epochs=3, decay_all=decay_all)
-        tx = step.make_optimizer(cfg, steps_per_epoch=2)
+        tx, schedule = step.make_optimizer(cfg), step.Schedule.of(cfg, steps_per_epoch=2)
         params, opt_state = trained_params, tx.init(trained_params)
         model = compare.torch_twin(CFG, trained_params)
         optimizer = compare._torch_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         weights = dict(model.named_parameters())
         for i, g in enumerate(grads):
-            updates, opt_state = tx.update(g, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params, opt_state = step.adamw_update(tx, params, opt_state, g, schedule(i))
             for key, value in port.flax_to_torch(g, CFG).items():
                 weights[key].grad = value
             optimizer.step()
@@ -260,6 +259,13 @@ def test_twenty_training_steps_stay_within_the_tolerance(trained_params):
     np.testing.assert_allclose([row["torch_loss"] for row in r["losses"]], [row["jax_loss"] for row in r["losses"]],
                                atol=1e-4)
     assert r["param_drift"] <= compare.TRAIN_TOLERANCE and r["passed"], r
+
+    # With --grad_clip (the fast recipe's): both sides clip, and the paths are still the same path.
+    clipped = compare.train_parity(trained_params, compare.torch_twin(CFG, trained_params), CFG,
+                                   dataclasses.replace(cfg, grad_clip=0.05), images, labels, steps=20, batch_size=16,
+                                   steps_per_epoch=5)
+    assert clipped["param_drift"] <= compare.TRAIN_TOLERANCE and clipped["passed"], clipped
+    assert abs(clipped["losses"][-1]["jax_loss"] - r["losses"][-1]["jax_loss"]) > 1e-3  # the clip did act
 
 
 def test_the_attention_key_bias_has_no_gradient(trained_params):

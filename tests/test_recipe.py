@@ -57,8 +57,8 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
 def test_grad_clip_scales_the_gradients_to_the_norm_before_adamw():
     params = {"w": jnp.array([3.0, -4.0]), "b": jnp.array([12.0])}  # global norm 13
     grads = params
-    clipped = step.make_optimizer(TrainConfig(lr=1e-2, grad_clip=1.0, weight_decay=0.0, epochs=2), 10)
-    plain = step.make_optimizer(TrainConfig(lr=1e-2, weight_decay=0.0, epochs=2), 10)
+    clipped = step.make_optimizer(TrainConfig(grad_clip=1.0, weight_decay=0.0))
+    plain = step.make_optimizer(TrainConfig(weight_decay=0.0))
     by_hand = jax.tree.map(lambda g: g / 13.0, grads)
     updates, _ = clipped.update(grads, clipped.init(params), params)
     expected, _ = plain.update(by_hand, plain.init(params), params)
@@ -72,8 +72,8 @@ def test_grad_clip_scales_the_gradients_to_the_norm_before_adamw():
 def test_ema_follows_its_recurrence_and_is_what_evaluation_uses():
     cfg = TrainConfig(preset="test", ema_decay=0.9, lr=1e-2)
     parallel = DataParallel.create(16)
-    state = parallel.replicate(step.create_train_state(CFG, cfg, 10))
-    train_fn = step.jit_train_step(parallel, step.Settings.of(CFG, cfg))
+    state = parallel.replicate(step.create_train_state(CFG, cfg))
+    train_fn = step.jit_train_step(parallel, step.Settings.of(CFG, cfg), step.Schedule.of(cfg, 10))
     batch = parallel.put_batch(*_batch())
     ema = jax.device_get(state.params)
     for k in range(1, 5):
@@ -82,7 +82,7 @@ def test_ema_follows_its_recurrence_and_is_what_evaluation_uses():
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, jax.device_get(state.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema_params, ema)
     assert step.eval_params(state) is state.ema_params
-    plain = step.create_train_state(CFG, TrainConfig(preset="test"), 10)
+    plain = step.create_train_state(CFG, TrainConfig(preset="test"))
     assert plain.ema_params is None and step.eval_params(plain) is plain.params
 
 
@@ -146,7 +146,7 @@ def test_steps_slower_than_measured_cut_the_last_epoch_short_and_the_run_ends_in
     from vit_jax import budget, train
 
     monkeypatch.setattr(budget, "process_start", time.time)  # this test's start, not the suite's
-    monkeypatch.setattr(budget, "measure", lambda *a, **k: budget.Speed(step=1.0, compile=0.0, eval_batch=0.1))
+    monkeypatch.setattr(budget, "measure", lambda *a, **k: budget.Speed(step=1.0, eval_batch=0.1))
     monkeypatch.setattr(budget, "train_deadline", lambda *a, **k: 0.0)  # long past
     args = ["--preset", "test", "--batch_size", "16", "--log_every", "1000", "--archive", cifar_archive,
             "--workdir", str(tmp_path / "run"), "--time_budget", "1"]
@@ -176,7 +176,7 @@ def test_the_plan_fills_the_budget_with_whole_epochs_or_one_more_on_part_of_the_
     from vit_jax import budget
 
     cfg = TrainConfig(epochs=20, batch_size=100, time_budget=10.0, warmup_epochs=1.0)
-    speed = budget.Speed(step=1.0, compile=0.0, eval_batch=0.1)
+    speed = budget.Speed(step=1.0, eval_batch=0.1)
     now = time.time()
     usable = (600 - budget.END_SECONDS) * budget.SAFETY
     assert usable == pytest.approx(560.5)
@@ -187,7 +187,7 @@ def test_the_plan_fills_the_budget_with_whole_epochs_or_one_more_on_part_of_the_
     assert "6 epochs of the first 9,100 training images (91 of 100 batches)" in why
     # An evaluation of 85 s: 3 whole epochs of 186 s leave 2 s; a fourth would cost its evaluation
     # and shorten each epoch to 54 steps (216 < 300 batches): the whole epochs win.
-    chosen, why = budget.plan(cfg, budget.Speed(step=1.0, compile=0.0, eval_batch=8.5), now, 100, 10)
+    chosen, why = budget.plan(cfg, budget.Speed(step=1.0, eval_batch=8.5), now, 100, 10)
     assert (chosen.epochs, chosen.train_limit) == (3, None) and why.endswith(": 3 epochs")
     # Less than one epoch: one, on the part that fits; warm-up shortened to half the run at most.
     chosen, why = budget.plan(dataclasses.replace(cfg, time_budget=1.0), speed, now, 100, 10)

@@ -4,6 +4,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from vit_jax import step
@@ -14,7 +15,7 @@ from vit_jax.errors import UserError
 
 def test_epoch_cosine_is_pytorchs_cosine_annealing_stepped_per_epoch():
     cfg = TrainConfig(lr=3e-4, epochs=20)
-    schedule = step.make_schedule(cfg, steps_per_epoch=782)
+    schedule = step.Schedule.of(cfg, steps_per_epoch=782)
     for epoch in range(20):
         expected = 3e-4 * (1 + math.cos(math.pi * epoch / 20)) / 2  # CosineAnnealingLR, eta_min 0
         for s in (epoch * 782, epoch * 782 + 781):  # constant within the epoch
@@ -24,12 +25,54 @@ def test_epoch_cosine_is_pytorchs_cosine_annealing_stepped_per_epoch():
 
 def test_per_step_cosine_with_warmup():
     cfg = TrainConfig(lr=1e-3, epochs=10, schedule="cosine", warmup_epochs=1)
-    schedule = step.make_schedule(cfg, steps_per_epoch=100)
+    schedule = step.Schedule.of(cfg, steps_per_epoch=100)
     assert float(schedule(0)) == 0.0
     assert float(schedule(50)) == pytest.approx(5e-4)
     assert float(schedule(100)) == pytest.approx(1e-3)
     assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-9)
     assert float(schedule(101)) < 1e-3
+
+
+def test_the_update_is_optaxs_adamw_with_its_schedule_inside():
+    """The rate scales AdamW's update from outside (so that it can be an argument of the compiled step):
+    the parameters optax's own AdamW gives with its schedules inside, to float32 rounding of the rate."""
+    params = step.init_params(PRESETS["test"], jax.random.key(0))
+    rng = np.random.default_rng(0)
+    for cfg, inside in (
+            (TrainConfig(lr=1e-3, epochs=3), lambda c: optax.cosine_decay_schedule(1e-3, 3)(c // 4)),
+            (TrainConfig(lr=1e-3, epochs=3, schedule="cosine", warmup_epochs=1, decay_all=False),
+             optax.warmup_cosine_decay_schedule(0.0, 1e-3, 4, 12, 0.0))):
+        tx, schedule = step.make_optimizer(cfg), step.Schedule.of(cfg, steps_per_epoch=4)
+        ref = optax.adamw(inside, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                          mask=None if cfg.decay_all else step.decay_mask)
+        ours, theirs = (params, tx.init(params)), (params, ref.init(params))
+        for i in range(12):
+            grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 1e-2, params)
+            assert float(schedule(i)) == pytest.approx(float(inside(i)), rel=1e-6, abs=1e-12)
+            ours = step.adamw_update(tx, *ours, grads, schedule(i))
+            updates, state = ref.update(grads, theirs[1], theirs[0])
+            theirs = (optax.apply_updates(theirs[0], updates), state)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-8), ours[0], theirs[0])
+        assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(params))) > 1e-3
+
+
+def test_runs_that_differ_only_in_their_schedule_share_one_compiled_step():
+    mesh = DataParallel.create(32)
+    batch = _batch(mesh)
+    starts, moved = [], []
+    fns = [step.jit_train_step(mesh, step.Settings(32), step.Schedule.of(TrainConfig(lr=lr, epochs=e), spe))
+           for lr, e, spe in ((1e-3, 2, 10), (2e-3, 7, 33))]
+    assert fns[0].jitted is fns[1].jitted
+    compiled = []  # how many programs the one jitted step holds after each run
+    for fn in fns:
+        state = mesh.replicate(step.create_train_state(PRESETS["test"], TrainConfig(preset="test", weight_decay=0.0)))
+        starts.append(jax.device_get(state.params))
+        state, _ = fn(state, mesh.replicate(step.zero_metrics()), *batch, jax.random.key(0))
+        moved.append(jax.tree.map(np.subtract, jax.device_get(state.params), starts[-1]))
+        compiled.append(fn.jitted._cache_size())
+    assert compiled[1] == compiled[0]  # the second schedule did not compile again
+    # The first AdamW step moves each parameter by about the rate: twice as far at twice the rate.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, 2 * a, rtol=1e-4, atol=1e-9), *moved)
 
 
 def test_decay_mask_spares_biases_norms_and_embeddings():
@@ -52,8 +95,8 @@ def _batch(mesh, n=32, seed=0):
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     cfg = TrainConfig(preset="test", lr=3e-3, weight_decay=0.0)
     mesh = DataParallel.create(32)
-    state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, steps_per_epoch=100))
-    train_fn = step.jit_train_step(mesh, step.Settings(32))
+    state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
+    train_fn = step.jit_train_step(mesh, step.Settings(32), step.Schedule.of(cfg, 100))
     eval_fn = step.jit_eval_step(mesh, PRESETS["test"])
     batch = _batch(mesh)
 
@@ -74,7 +117,7 @@ def test_padding_examples_carry_no_weight():
     """A batch padded with junk under mask 0 gives the update of the real examples alone."""
     cfg = TrainConfig(preset="test")
     mesh = DataParallel.create(8)
-    train_fn = step.jit_train_step(mesh, step.Settings(32))
+    train_fn = step.jit_train_step(mesh, step.Settings(32), step.Schedule.of(cfg, 10))
     images, labels, mask = (np.asarray(a) for a in _batch(mesh, n=8))
     padded_mask = mask.copy()
     padded_mask[6:] = 0
@@ -82,7 +125,7 @@ def test_padding_examples_carry_no_weight():
     junk[6:] = 255 - junk[6:]
     results = []
     for imgs in (images, junk):
-        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, 10))
+        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
         state, m = train_fn(state, mesh.replicate(step.zero_metrics()),
                             *mesh.put_batch(imgs, labels, padded_mask), jax.random.key(0))
         results.append((state.params, m))
@@ -104,8 +147,8 @@ def test_gradient_accumulation_gives_the_updates_of_the_whole_batch():
     for k in (1, 4):
         cfg = TrainConfig(preset="test", lr=3e-3, grad_accum=k, batch_size=32)
         mesh = DataParallel.create(32)
-        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg, steps_per_epoch=100))
-        train_fn = step.jit_train_step(mesh, step.Settings.of(PRESETS["test"], cfg))
+        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
+        train_fn = step.jit_train_step(mesh, step.Settings.of(PRESETS["test"], cfg), step.Schedule.of(cfg, 100))
         metrics = mesh.replicate(step.zero_metrics())
         images, labels, mask = (np.array(a) for a in _batch(mesh))
         mask[-3:] = 0  # padding, which must weigh nothing in either

@@ -103,28 +103,29 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, attention=attention).validate()
     cfg = TrainConfig(preset=preset, batch_size=batch_size, grad_accum=grad_accum).validate()
     parallel = DataParallel.create(batch_size)
-    state = parallel.replicate(step.create_train_state(model_cfg, cfg, steps_per_epoch=782))
+    state = parallel.replicate(step.create_train_state(model_cfg, cfg))
     metrics = parallel.replicate(step.zero_metrics())
     batch = parallel.put_batch(*_random_batch(batch_size))
     key = jax.random.key(0)
-    train_fn = step.jit_train_step(parallel, step.Settings.of(model_cfg, cfg))
+    train_fn = step.jit_train_step(parallel, step.Settings.of(model_cfg, cfg), step.Schedule.of(cfg, 782))
 
     t = time.perf_counter()
     compiled = train_fn.lower(state, metrics, *batch, key).compile()
     compile_s = time.perf_counter() - t
-    state, metrics = compiled(state, metrics, *batch, key)
+    one_step = lambda s, m: compiled(s, m, *batch, key, train_fn.schedule)
+    state, metrics = one_step(state, metrics)
     jax.block_until_ready(metrics)
     first_step_s = time.perf_counter() - started
     for _ in range(warmup):
-        state, metrics = compiled(state, metrics, *batch, key)
+        state, metrics = one_step(state, metrics)
     jax.block_until_ready(metrics)
     t = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, metrics, *batch, key)
+        state, metrics = one_step(state, metrics)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t) / steps
 
-    ops = op_times(lambda s, m: compiled(s, m, *batch, key), state, metrics, steps) if profile else None
+    ops = op_times(one_step, state, metrics, steps) if profile else None
     device = jax.local_devices()[0]
     flops = train_flops(model_cfg, batch_size)  # for the whole (global) batch
     peak = peak or peak_tflops(device, dtype)
@@ -181,7 +182,8 @@ def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int)
     (forward and backward, less the forward), optimizer update; and the whole step."""
     model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype).validate()
     cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
-    state = step.create_train_state(model_cfg, cfg, steps_per_epoch=782)
+    state = step.create_train_state(model_cfg, cfg)
+    schedule = step.Schedule.of(cfg, 782)
     images, labels, mask = _random_batch(batch_size)
     key = jax.random.key(0)
 
@@ -192,12 +194,13 @@ def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int)
     aug = jax.jit(lambda k, im: augment.augment(k, im, model_cfg.img_size))
     x = aug(key, images)
     grads = jax.jit(jax.grad(loss))(state.params, x)
-    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, step.Settings(model_cfg.img_size)))
+    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, schedule,
+                                                 step.Settings(model_cfg.img_size)))
     ms = {
         "augmentation": _seconds_per_call(aug, (key, images), steps, warmup),
         "forward": _seconds_per_call(jax.jit(loss), (state.params, x), steps, warmup),
         "forward_backward": _seconds_per_call(jax.jit(jax.grad(loss)), (state.params, x), steps, warmup),
-        "optimizer_update": _seconds_per_call(jax.jit(lambda s, g: s.apply_gradients(grads=g)), (state, grads),
+        "optimizer_update": _seconds_per_call(jax.jit(lambda s, g: s.apply_gradients(grads=g, lr=schedule(s.step))), (state, grads),
                                               steps, warmup),
         "whole_step": _seconds_per_call(whole, (state, step.zero_metrics()), steps, warmup),
     }

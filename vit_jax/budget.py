@@ -43,7 +43,6 @@ class Speed:
     """What the run measured of itself, in seconds."""
 
     step: float  # one train step, compiled
-    compile: float  # compiling the train step (the real run compiles it once more)
     eval_batch: float  # one evaluation batch, compiled
 
 
@@ -53,13 +52,12 @@ def measure(train_fn, eval_fn, state, metrics, batches, put, key, eval_params, e
 
     Each timed step takes the next host batch from `batches` and puts it on the devices with `put`,
     as the training loop does (at small batches, that host side is a fair part of a step), for
-    `steps` steps and at least `min_seconds`."""
+    `steps` steps and at least `min_seconds`. The steps compiled here are the run's: its schedule's
+    numbers are arguments, so the run that follows does not compile again."""
     copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
     first = put(*next(batches))
-    t = time.perf_counter()
-    s, m = train_fn(copy(state), copy(metrics), *first, key)
+    s, m = train_fn(copy(state), copy(metrics), *first, key)  # compiles
     jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
     s, m = train_fn(s, m, *put(*next(batches)), key)  # a step after compiling, not timed: caches warm up
     jax.block_until_ready(m)
     t, n = time.perf_counter(), 0
@@ -76,7 +74,7 @@ def measure(train_fn, eval_fn, state, metrics, batches, put, key, eval_params, e
     for _ in range(3):
         em = eval_fn(eval_params, em, *first)
     jax.block_until_ready(em)
-    return Speed(step=step_s, compile=compile_s, eval_batch=(time.perf_counter() - t) / 3)
+    return Speed(step=step_s, eval_batch=(time.perf_counter() - t) / 3)
 
 
 def plan(cfg: TrainConfig, speed: Speed, started: float, train_batches: int, eval_batches: int) -> tuple[TrainConfig, str]:
@@ -84,14 +82,14 @@ def plan(cfg: TrainConfig, speed: Speed, started: float, train_batches: int, eva
 
     Either as many whole epochs as fit, or one more, each of them on the first part of the training
     split that then fits: whichever trains on more images (each epoch costs an evaluation too)."""
-    left = cfg.time_budget * 60 - (time.time() - started) - speed.compile - END_SECONDS
+    left = cfg.time_budget * 60 - (time.time() - started) - END_SECONDS
     usable = max(left, 0.0) * SAFETY
     per_epoch = eval_batches * speed.eval_batch + SAVE_SECONDS  # besides the training steps
     epoch_s = train_batches * speed.step + per_epoch
     why = (f"time budget {cfg.time_budget:g} min: {time.time() - started:.0f} s gone (start-up, data, compiling, "
            f"measuring); a step takes {speed.step:.3f} s ({train_batches} per epoch: {train_batches * speed.step:.0f} s), "
            f"evaluation {per_epoch - SAVE_SECONDS:.1f} s, so an epoch {epoch_s:.0f} s; {usable:.0f} s are planned "
-           f"({SAFETY:.0%} of what is left after compiling again and {END_SECONDS:.0f} s for the end)")
+           f"({SAFETY:.0%} of what is left after {END_SECONDS:.0f} s for the end)")
     whole = int(usable // epoch_s)
     options = []  # (images trained on, fewer epochs first, epochs, steps per epoch)
     for epochs in {max(whole, 1), whole + 1}:

@@ -11,6 +11,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -26,20 +27,45 @@ class TrainState(train_state.TrainState):
 
     ema_params: Any = flax.struct.field(default=None)
 
+    def apply_gradients(self, *, grads, lr):
+        """One update: the optimizer's at a learning rate of 1, times the schedule's rate `lr`."""
+        params, opt_state = adamw_update(self.tx, self.params, self.opt_state, grads, lr)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
-def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+
+@flax.struct.dataclass
+class Schedule:
     """The learning rate as a function of the update count.
 
     epoch_cosine (the default) is PyTorch's CosineAnnealingLR(T_max=epochs) stepped once per epoch:
     constant within an epoch, lr at epoch 1, lr * (1 + cos(pi * e / epochs)) / 2 at epoch e + 1.
-    cosine decays every step, after an optional linear warm-up.
+    cosine decays every step, after a linear warm-up of warmup_steps (0: none).
+    The numbers are arguments of the compiled step, not constants in it: runs that differ only in
+    them (their length, their peak, a --time_budget plan and the run it chooses) share one program.
     """
-    if cfg.schedule == "epoch_cosine":
-        per_epoch = optax.cosine_decay_schedule(cfg.lr, decay_steps=cfg.epochs)
-        return lambda count: per_epoch(count // steps_per_epoch)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, warmup_steps=warmup, decay_steps=cfg.epochs * steps_per_epoch, end_value=0.0)
+
+    lr: Any
+    epochs: Any
+    steps_per_epoch: Any
+    warmup_steps: Any
+    per_epoch: bool = flax.struct.field(pytree_node=False, default=True)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "Schedule":
+        steps = np.int32
+        return cls(np.float32(cfg.lr), steps(cfg.epochs), steps(steps_per_epoch),
+                   steps(int(cfg.warmup_epochs * steps_per_epoch)), per_epoch=cfg.schedule == "epoch_cosine")
+
+    def __call__(self, count):
+        # Op for op what optax's cosine_decay_schedule and warmup_cosine_decay_schedule compute.
+        def cosine(done, total):  # from lr down to 0 over `total`, then 0
+            return self.lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(done, total) / total)))
+
+        if self.per_epoch:
+            return cosine(count // self.steps_per_epoch, self.epochs)
+        warm = self.warmup_steps
+        rising = -self.lr * (1 - count / jnp.maximum(warm, 1)) + self.lr  # linear from 0
+        return jnp.where(count < warm, rising, cosine(count - warm, self.epochs * self.steps_per_epoch - warm))
 
 
 def decay_mask(params):
@@ -48,23 +74,40 @@ def decay_mask(params):
         lambda path, p: p.ndim > 1 and path[-1].key not in ("cls_token", "pos_embed"), params)
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with the schedule; with --grad_clip, the gradients' global norm is capped first (as
-    torch.nn.utils.clip_grad_norm_ before the optimizer's step)."""
-    # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root.
-    adamw = optax.adamw(make_schedule(cfg, steps_per_epoch), b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=cfg.weight_decay, mask=None if cfg.decay_all else decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW at a learning rate of 1 (the schedule scales its updates: `adamw_update`); with --grad_clip,
+    the gradients' global norm is capped first (as torch.nn.utils.clip_grad_norm_ before the
+    optimizer's step)."""
+    return _optimizer(cfg.weight_decay, cfg.decay_all, cfg.grad_clip)
 
 
-def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
-                       params=None) -> TrainState:
+@functools.cache  # one object per setting: states made apart (a budget's plan, its run) compile as one
+def _optimizer(weight_decay: float, decay_all: bool, grad_clip: float) -> optax.GradientTransformation:
+    # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root. The
+    # rate is a function, as the schedule once was here: optax then keeps its count in the state.
+    adamw = optax.adamw(lambda count: 1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+                        mask=None if decay_all else decay_mask)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+
+
+def adamw_update(tx: optax.GradientTransformation, params, opt_state, grads, lr):
+    """(params, opt_state) after one step of `tx`, its update scaled by the learning rate `lr`: AdamW's
+    -lr * (Adam's direction + weight_decay * params), as optax computes it with the rate inside."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates)), opt_state
+
+
+def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, params=None) -> TrainState:
     """A fresh state: random parameters from cfg.seed unless `params` are given."""
     if params is None:
         params = init_params(model_cfg, jax.random.key(cfg.seed))
-    return TrainState.create(apply_fn=VisionTransformer(model_cfg).apply, params=params,
-                             tx=make_optimizer(cfg, steps_per_epoch),
+    return TrainState.create(apply_fn=_apply_fn(model_cfg), params=params, tx=make_optimizer(cfg),
                              ema_params=jax.tree.map(jnp.copy, params) if cfg.ema_decay else None)
+
+
+@functools.cache  # as the optimizer: the same function for every state of a model, so they compile as one
+def _apply_fn(model_cfg: ModelConfig):
+    return VisionTransformer(model_cfg).apply
 
 
 def ema_decay(decay: float, step):
@@ -170,8 +213,8 @@ class Settings:
                    cfg.tta_flip, cfg.grad_accum, cfg.augment, cfg.augment and cfg.crop)
 
 
-def train_step(state: TrainState, metrics: dict, images, labels, mask, key, settings: Settings):
-    """One AdamW update on a uint8 batch; padding examples (mask 0) carry no weight.
+def train_step(state: TrainState, metrics: dict, images, labels, mask, key, schedule: Schedule, settings: Settings):
+    """One AdamW update on a uint8 batch, at the schedule's rate; padding examples (mask 0) carry no weight.
 
     Randomness is a pure function of (key, step), so a resumed run draws what an uninterrupted one would.
     With settings.grad_accum K the batch goes through the model as K micro-batches, one after the
@@ -196,7 +239,7 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, sett
     metrics = _accumulate(metrics, sums)
     first_bad = (metrics["nonfinite_step"] < 0) & ~jnp.isfinite(sums["loss"])
     metrics["nonfinite_step"] = jnp.where(first_bad, state.step.astype(jnp.int32), metrics["nonfinite_step"])
-    state = state.apply_gradients(grads=grads)
+    state = state.apply_gradients(grads=grads, lr=schedule(state.step))
     if settings.ema_decay:
         d = ema_decay(settings.ema_decay, state.step)
         state = state.replace(ema_params=jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, state.params))
@@ -223,10 +266,30 @@ def eval_step(params, metrics: dict, images, labels, mask, model_cfg: ModelConfi
     return _accumulate(metrics, _sums(infer(model_cfg, params, images, tta_flip=tta_flip)["logits"], labels, mask))
 
 
-def jit_train_step(parallel: DataParallel, settings: Settings):
-    """train_step compiled for these devices; the state and running metrics are donated."""
+@functools.cache
+def _jitted_train_step(parallel: DataParallel, settings: Settings):
     r = parallel.replicated
     return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0, 1), out_shardings=(r, r))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFn:
+    """train_step compiled for a mesh, with the run's schedule: fn(state, metrics, images, labels, mask, key)
+    -> (state, metrics), the state and running metrics donated. `lower` compiles ahead (the benchmark)."""
+
+    jitted: Any
+    schedule: Schedule  # on the devices
+
+    def __call__(self, state, metrics, images, labels, mask, key):
+        return self.jitted(state, metrics, images, labels, mask, key, self.schedule)
+
+    def lower(self, state, metrics, images, labels, mask, key):
+        return self.jitted.lower(state, metrics, images, labels, mask, key, self.schedule)
+
+
+def jit_train_step(parallel: DataParallel, settings: Settings, schedule: Schedule) -> TrainFn:
+    """train_step for these devices; one compiled program per (devices, settings, shapes), whatever the schedule."""
+    return TrainFn(_jitted_train_step(parallel, settings), parallel.replicate(schedule))
 
 
 def jit_eval_step(parallel: DataParallel, model_cfg: ModelConfig, tta_flip: bool = False):

@@ -125,7 +125,6 @@ class _Run:
         self.train_x, self.train_y = data.load_split("train", cfg.data_dir, cfg.train_limit, cfg.archive)
         self.test_x, self.test_y = data.load_split("test", cfg.data_dir, cfg.test_limit, cfg.archive)
         self.settings = step.Settings.of(model_cfg, cfg)
-        self.train_fn = step.jit_train_step(self.parallel, self.settings)
         self.eval_fn = step.jit_eval_step(self.parallel, model_cfg, cfg.tta_flip)
         self.key = jax.random.key(cfg.seed)
         self.params = None if cfg.init_from is None else weights.load(cfg.init_from, model_cfg)
@@ -134,7 +133,8 @@ class _Run:
             cfg = self._plan(cfg, started)
         self.cfg = cfg
         self.steps_per_epoch = data.num_batches(len(self.train_x), cfg.batch_size)
-        self.schedule = step.make_schedule(cfg, self.steps_per_epoch)
+        self.schedule = step.Schedule.of(cfg, self.steps_per_epoch)
+        self.train_fn = step.jit_train_step(self.parallel, self.settings, self.schedule)
         self.ckpts = workdir.Checkpoints(cfg.workdir, seal=distributed.is_primary())
         try:
             self.state, self.metrics, self.meta, self.resumed = self._start_or_resume(cfg)
@@ -166,21 +166,21 @@ class _Run:
         return (*restored, True)
 
     def _initial_state(self, cfg: TrainConfig):
-        spe = data.num_batches(len(self.train_x), cfg.batch_size)
-        return self.parallel.replicate(step.create_train_state(self.model_cfg, cfg, spe, self.params))
+        return self.parallel.replicate(step.create_train_state(self.model_cfg, cfg, self.params))
 
     def _plan(self, cfg: TrainConfig, started: float) -> TrainConfig:
         """--time_budget: measures a step and an evaluation batch here, chooses the epochs that fit,
         says so, and records them in config.json."""
         state = self._initial_state(cfg)
+        spe = data.num_batches(len(self.train_x), cfg.batch_size)
+        train_fn = step.jit_train_step(self.parallel, self.settings, step.Schedule.of(cfg, spe))
         epochs = (data.epoch_batches(self.train_x, self.train_y, cfg.batch_size, seed=cfg.seed, epoch=e)
                   for e in itertools.count())
-        speed = budget.measure(self.train_fn, self.eval_fn, state, self.parallel.replicate(step.zero_metrics()),
+        speed = budget.measure(train_fn, self.eval_fn, state, self.parallel.replicate(step.zero_metrics()),
                                itertools.chain.from_iterable(epochs), self.parallel.put_batch, self.key,
                                step.eval_params(state), self.parallel.replicate(step.zero_metrics()))
         eval_batches = data.num_batches(len(self.test_x), cfg.batch_size)
-        chosen, why = budget.plan(cfg, speed, started, data.num_batches(len(self.train_x), cfg.batch_size),
-                                  eval_batches)
+        chosen, why = budget.plan(cfg, speed, started, spe, eval_batches)
         chosen = distributed.same_everywhere(chosen)  # process 0's measurement decides for all
         self.deadline = budget.train_deadline(chosen, speed, started, eval_batches)
         print(f"Plan: {why}")
