@@ -52,9 +52,9 @@ class Schedule:
 
     @classmethod
     def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "Schedule":
-        steps = np.int32
-        return cls(np.float32(cfg.lr), steps(cfg.epochs), steps(steps_per_epoch),
-                   steps(int(cfg.warmup_epochs * steps_per_epoch)), per_epoch=cfg.schedule == "epoch_cosine")
+        # numpy scalars, not Python numbers: every process must replicate the same typed values
+        return cls(np.float32(cfg.lr), np.int32(cfg.epochs), np.int32(steps_per_epoch),
+                   np.int32(cfg.warmup_epochs * steps_per_epoch), per_epoch=cfg.schedule == "epoch_cosine")
 
     def __call__(self, count):
         # Op for op what optax's cosine_decay_schedule and warmup_cosine_decay_schedule compute.
