@@ -200,8 +200,8 @@ def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int)
         "augmentation": _seconds_per_call(aug, (key, images), steps, warmup),
         "forward": _seconds_per_call(jax.jit(loss), (state.params, x), steps, warmup),
         "forward_backward": _seconds_per_call(jax.jit(jax.grad(loss)), (state.params, x), steps, warmup),
-        "optimizer_update": _seconds_per_call(jax.jit(lambda s, g: s.apply_gradients(grads=g, lr=schedule(s.step))), (state, grads),
-                                              steps, warmup),
+        "optimizer_update": _seconds_per_call(jax.jit(lambda s, g: s.apply_gradients(grads=g, lr=schedule(s.step))),
+                                              (state, grads), steps, warmup),
         "whole_step": _seconds_per_call(whole, (state, step.zero_metrics()), steps, warmup),
     }
     ms = {k: 1e3 * v for k, v in ms.items()}
