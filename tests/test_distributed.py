@@ -123,6 +123,23 @@ def test_processes_started_with_different_settings_are_refused(archive, tmp_path
                 in err), err
 
 
+def test_the_fingerprint_that_processes_compare_sees_any_difference():
+    """Processes check that they replicate the same state by comparing one fingerprint of it (one
+    collective, not one per leaf): it must change with any value, dtype, shape or name."""
+    import numpy as np
+    from vit_jax.devices import _fingerprint
+
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), {"c": np.int32(7)}
+    tree, same = {"a": a, "b": b}, {"a": a.copy(), "b": {"c": np.int32(7)}}
+    one_bit = a.copy()
+    one_bit[1, 2] = np.nextafter(one_bit[1, 2], np.float32(9))  # the next float32 up
+    variants = [{"a": one_bit, "b": b}, {"a": a.astype(np.float64), "b": b}, {"a": a.reshape(3, 2), "b": b},
+                {"A": a, "b": b}, {"a": a, "b": {"c": np.int32(8)}}]
+    assert np.array_equal(_fingerprint(tree), _fingerprint(same))
+    prints = [bytes(_fingerprint(v)) for v in [tree, *variants]]
+    assert len(set(prints)) == len(prints)
+
+
 def test_a_coordinator_that_cannot_be_reached_is_one_line_after_a_bounded_wait(archive, tmp_path):
     started = time.time()
     run = subprocess.run([sys.executable, "-m", "vit_jax.train", *_args(archive, str(tmp_path / "run")),
