@@ -59,6 +59,18 @@ def write_cifar_archive(out_dir, n_train_per_batch, n_test, seed):
     }
 
 
+# The files that take longest (CPU time on 2 cores, measured), longest first: the two workers take
+# files in this order (scripts/test.sh turns off xdist's own order, by number of tests), so that
+# no long file starts last while the other worker has nothing left to do.
+LONGEST_FIRST = ("test_distributed.py", "test_robustness.py", "test_train.py", "test_real_data.py",
+                 "test_recipe.py", "test_parity.py", "test_inspect.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests as written
+
+
 @pytest.fixture(scope="session")
 def small_cifar(tmp_path_factory):
     """A small archive: 5 x 12 train and 17 test examples."""
