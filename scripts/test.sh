@@ -6,7 +6,8 @@
 set -euo pipefail
 source "$(dirname "$0")/setup.sh" "test"
 cd "$(dirname "$0")/.."
-# Two workers (pytest-xdist), a file each at a time (so a file's shared fixtures are built once), the
-# longest files first (tests/conftest.py): most tests wait on a subprocess starting or compiling,
-# single-threaded. PYTEST_WORKERS=0: one process.
-exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# A worker (pytest-xdist) per core, at most 4, a file each at a time (so a file's shared fixtures are
+# built once), the longest files first (tests/conftest.py): most tests wait on a subprocess starting
+# or compiling, single-threaded. PYTEST_WORKERS=N: N workers; 0: one process.
+workers="$(nproc 2>/dev/null || echo 2)"
+exec python -m pytest -n "${PYTEST_WORKERS:-$(( workers < 4 ? workers : 4 ))}" --dist loadfile --no-loadscope-reorder "$@"

@@ -59,9 +59,9 @@ def write_cifar_archive(out_dir, n_train_per_batch, n_test, seed):
     }
 
 
-# The files that take longest (CPU time on 2 cores, measured), longest first: the two workers take
+# The files that take longest (CPU time on 2 cores, measured), longest first: the workers take
 # files in this order (scripts/test.sh turns off xdist's own order, by number of tests), so that
-# no long file starts last while the other worker has nothing left to do.
+# no long file starts last while the other workers have nothing left to do.
 LONGEST_FIRST = ("test_distributed.py", "test_robustness.py", "test_train.py", "test_real_data.py",
                  "test_recipe.py", "test_parity.py", "test_inspect.py", "test_gpu_check.py")
 
