@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vit_jax import distributed
 from vit_jax.errors import UserError
 
 
@@ -56,7 +57,7 @@ class DataParallel:
         # every leaf against the other processes, a collective per leaf (seconds for a model's
         # state); one fingerprint of the whole tree checks the same in one.
         tree = jax.device_get(tree)
-        if not _same_in_every_process(_fingerprint(tree)):
+        if not distributed.same_in_every_process(_fingerprint(tree)):
             raise UserError("the processes hold different parameters or state (different --init_from files, or "
                             "different checkpoints in the workdir?): every process must see the same files")
         return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), self.replicated,
@@ -71,13 +72,6 @@ def _fingerprint(tree) -> np.ndarray:
         digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return np.frombuffer(digest.digest(), np.uint8)
-
-
-def _same_in_every_process(value: np.ndarray) -> bool:
-    from jax.experimental import multihost_utils
-
-    everyone = np.asarray(multihost_utils.process_allgather(value))  # (processes, ...)
-    return bool((everyone == everyone[0]).all())
 
 
 def describe_devices() -> str:

@@ -171,6 +171,17 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag]))).any())
 
 
+def same_in_every_process(value) -> bool:
+    """Whether every process holds the same small array `value` (one collective)."""
+    if jax.process_count() == 1:
+        return True
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    everyone = np.asarray(multihost_utils.process_allgather(np.asarray(value)))  # (processes, ...)
+    return bool((everyone == everyone[0]).all())
+
+
 # --------------------------------------------------------------------------------------------------
 # Supervision: one line for the end that jax's runtime gives a process whose peer died
 
