@@ -222,13 +222,24 @@ def test_epoch_batches_resume():
     assert _epoch(n=23, batch_size=5, start=5) == []
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vit_jax.data", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+# `python -m vit_jax.data ARGS` in a process where TensorFlow cannot be imported: a mistake in the
+# arguments is reported before TensorFlow is needed (in a second, not after its start-up).
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+sys.modules.update(tensorflow=None, tensorflow_datasets=None)  # import raises ImportError
+sys.argv[0] = "vit_jax.data"
+runpy.run_module("vit_jax.data", run_name="__main__", alter_sys=True)
+"""
+
+
+def _cli(*args, without_tensorflow=False):
+    how = ["-c", WITHOUT_TENSORFLOW] if without_tensorflow else ["-m", "vit_jax.data"]
+    return subprocess.run([sys.executable, *how, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_bad_archive_is_one_line(tmp_path):
-    run = _cli("prepare", "--archive", str(tmp_path / "missing.tar.gz"), "--data_dir", str(tmp_path))
+    run = _cli("prepare", "--archive", str(tmp_path / "missing.tar.gz"), "--data_dir", str(tmp_path),
+               without_tensorflow=True)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in run.stderr, run.stderr
@@ -254,7 +265,7 @@ def test_prepare_into_a_file_says_to_give_a_folder(small_cifar):
     """The hint that `--data_dir ARCHIVE` prints leads here; the archive itself must come to no harm."""
     before = os.path.getsize(small_cifar["archive"])
     run = _cli("prepare", "--archive", small_cifar["archive"], "--data_dir", small_cifar["archive"],
-               "--allow_checksum_mismatch")
+               "--allow_checksum_mismatch", without_tensorflow=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "is a file, not a folder" in run.stderr and os.path.getsize(small_cifar["archive"]) == before
 

@@ -18,8 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from vit_jax import archive, tfds_data
+from vit_jax import archive
 from vit_jax.errors import UserError, cli
+
+# tfds_data (TensorFlow, seconds to import) is imported where it is used, after the arguments are
+# checked: a wrong path is one line at once, not after TensorFlow's start-up.
 
 SCRATCH_PREFIX = "tmp-vit_jax-prepare-"
 LOCK = ".vit_jax-prepare.lock"
@@ -39,6 +42,8 @@ def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: b
     if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data_dir {data_dir} is a file, not a folder: give the folder to prepare the "
                         f"dataset in (it is created if missing), and the archive as --archive")
+    from vit_jax import tfds_data
+
     builder = tfds_data.builder(data_dir)
     root = Path(builder.data_dir_root)
     if tfds_data.is_prepared(builder):
@@ -78,6 +83,8 @@ def _accepting(info, url: str, data_dir: str | None):
     alone, keeps its name (so the data lands in, and is read from, DATA_DIR/cifar10) and is not
     registered. Written against tfds 4.9, where `url_infos` is a class property of the builder.
     """
+    from vit_jax import tfds_data
+
     stock = tfds_data.tfds.builder_cls("cifar10")
     copy = type("Cifar10Copy", (stock,), {"name": stock.name, "url_infos": {url: info}, "__module__": stock.__module__},
                 skip_registration=True)
@@ -150,6 +157,8 @@ def main(argv=None):
 
     started = time.perf_counter()
     root = prepare(args.archive, args.data_dir, args.allow_checksum_mismatch)
+    from vit_jax import tfds_data
+
     builder = tfds_data.builder(root)
     splits = builder.info.splits
     print(f"CIFAR-10 (tfds cifar10 {builder.version}) is in {root}: {splits['train'].num_examples} train and "
