@@ -229,7 +229,10 @@ def free_bytes(path: str) -> int:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:,.0f} MB"
+    """Megabytes, with a decimal below 10 (so that a small model's "needs 1.3 MB, has 1.0 MB free" does
+    not read "needs 1 MB, has 1 MB free")."""
+    mb = n / 2**20
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:,.0f} MB"
 
 
 def check_space(workdir: str, state, metrics) -> None:
