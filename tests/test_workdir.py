@@ -84,6 +84,21 @@ def test_fresh_moves_every_file_of_a_run_aside(tmp_path):
     assert workdir.discard(str(tmp_path)) is None
 
 
+def test_a_checkpoint_restores_to_the_arrays_it_is_given_bit_for_bit(tmp_path):
+    """One process saves host copies of its arrays (faster in orbax); a restore like the training
+    state gives back jax.Arrays with that state's shardings, dtypes and values."""
+    state = {"params": jax.tree.map(jax.numpy.asarray, _params(3)), "step": jax.numpy.int32(7),
+             "key": jax.random.key_data(jax.random.key(5))}
+    folder = checkpoint.Folder(str(tmp_path / "latest"), "state")
+    folder.save(7, state, {"epoch": 1})
+    restored, meta = folder.restore(7, like=state)
+    folder.close()
+    assert meta == {"epoch": 1}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert isinstance(got, jax.Array) and got.sharding == want.sharding and got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_the_best_checkpoint_is_read_even_when_a_run_replaces_it_meanwhile(tmp_path, monkeypatch):
     """evaluate lists best/1, then the training run saves best/2 and deletes best/1 (it keeps one)
     before evaluate reads it: the read lists again and takes best/2."""

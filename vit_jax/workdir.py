@@ -298,10 +298,6 @@ class Checkpoints:
         if meta["epoch"] not in self.best.steps():  # else written before a crash; the rerun computed the same
             self._save(self.best, meta["epoch"], params, meta)
 
-    def restore_best(self, like=None):
-        """(params, meta) of the best checkpoint, restored like `like` (see Folder.restore)."""
-        return _read_best(self.best, self.workdir, like)
-
     def close(self):
         self.latest.close()
         self.best.close()
