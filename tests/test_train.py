@@ -99,7 +99,9 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
         workdir = str(tmp_path / f"dev{n}")
         # One device is the default, without the flag, so that this run finds its steps compiled by the other
         # tests (XLA_FLAGS is part of the compilation cache's key).
-        env = {"JAX_PLATFORMS": "cpu", **({"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} if n > 1 else {})}
+        env = {"JAX_PLATFORMS": "cpu"}
+        if n > 1:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
         run = _cli(*_train_cmd(cifar_archive, workdir, "--epochs", "1"), env=env)
         assert run.returncode == 0, run.stderr
         assert f"Device: {n} x cpu" in run.stdout
