@@ -227,7 +227,6 @@ def test_epoch_batches_resume():
 WITHOUT_TENSORFLOW = """
 import runpy, sys
 sys.modules.update(tensorflow=None, tensorflow_datasets=None)  # import raises ImportError
-sys.argv[0] = "vit_jax.data"
 runpy.run_module("vit_jax.data", run_name="__main__", alter_sys=True)
 """
 
