@@ -96,8 +96,8 @@ def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
     assert not np.allclose(expected, apply(x), atol=1e-4)  # the mirror images do change the logits
 
 
-BUDGET = 0.75  # minutes: the start-up (up to ~25 s on a busy machine with nothing compiled) and 10 s for
-# the end leave time for several epochs of the test preset
+BUDGET = 0.75  # minutes: after the start-up (11 s measured on an idle 2-core machine, more on a busy one
+# with nothing compiled) and 10 s for the end, time remains for several epochs of the test preset
 
 
 def _budget_cmd(archive, workdir, minutes):

@@ -106,7 +106,7 @@ def test_the_best_checkpoint_is_read_even_when_a_run_replaces_it_meanwhile(tmp_p
     real_restore = checkpoint.Folder.restore
     calls = []
 
-    def restore_after_a_new_best(self, step, like=None):
+    def restore_after_a_new_best(self, step, like):
         if not calls:
             trainer = workdir.Checkpoints(path)  # the running training, saving its next best
             trainer.save_best(_params(2), {"epoch": 2, "test_acc": 20.0})

@@ -37,11 +37,10 @@ class Folder:
         self._manager.save(step, args=ocp.args.Composite(
             **{self.item: ocp.args.StandardSave(tree), "meta": ocp.args.JsonSave(meta)}))
 
-    def restore(self, step: int, like=None):
+    def restore(self, step: int, like):
         """(tree, meta) of one checkpoint. `like`: a tree of arrays (or shape-dtype structs) whose
-        shapes, dtypes and shardings the restored tree takes; None: as saved (numpy arrays, when one
-        process saved them)."""
-        target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        shapes, dtypes and shardings the restored tree takes."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = self._manager.restore(step, args=ocp.args.Composite(
             **{self.item: ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}))
         return out[self.item], out["meta"]
