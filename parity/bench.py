@@ -137,8 +137,10 @@ def main(argv=None):
     print("each step: uint8 batch -> resize, flip, crop, normalize -> forward, backward, AdamW")
     print(f"  {'':<24} {'ms/step':>9}  {'images/s':>9}  time / PyTorch eager time")
     jax_r, eager = r["jax"], r["torch_eager"]
+    k = jax_r["grad_accum"]
+    micro = f"; the batch in {k} micro-batches of {a.batch_size // k}, as training on this device" if k > 1 else ""
     print(f"  {'JAX (jit)':<24} {jax_r['ms_per_step']:>9.1f}  {jax_r['images_per_sec']:>9.1f}  "
-          f"{r['jax_over_eager']:.2f}  (compile {jax_r['compile_s']:.1f} s)")
+          f"{r['jax_over_eager']:.2f}  (compile {jax_r['compile_s']:.1f} s{micro})")
     print(f"  {'PyTorch eager':<24} {eager['ms_per_step']:>9.1f}  {eager['images_per_sec']:>9.1f}  1.00")
     t = r["torch_compile"]
     if isinstance(t, str):

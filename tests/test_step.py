@@ -142,27 +142,49 @@ def test_batch_that_devices_cannot_split_is_refused(monkeypatch):
 
 def test_gradient_accumulation_gives_the_updates_of_the_whole_batch():
     """--grad_accum 4: four micro-batches of 8 through the model, one update; the same parameters and
-    running sums as one batch of 32, step after step, to float32 rounding."""
+    running sums as one batch of 32, step after step, to float32 rounding. Likewise the CPU's default,
+    two micro-batches of 16 (272 tokens each)."""
     results = {}
-    for k in (1, 4):
+    for k in (1, 4, None):
         cfg = TrainConfig(preset="test", lr=3e-3, grad_accum=k, batch_size=32)
         mesh = DataParallel.create(32)
         state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
-        train_fn = step.jit_train_step(mesh, step.Settings.of(PRESETS["test"], cfg), step.Schedule.of(cfg, 100))
+        settings = step.Settings.of(PRESETS["test"], cfg)
+        assert settings.grad_accum == (k or 2)
+        train_fn = step.jit_train_step(mesh, settings, step.Schedule.of(cfg, 100))
         metrics = mesh.replicate(step.zero_metrics())
         images, labels, mask = (np.array(a) for a in _batch(mesh))
         mask[-3:] = 0  # padding, which must weigh nothing in either
         for i in range(5):
             state, metrics = train_fn(state, metrics, *mesh.put_batch(images, labels, mask), jax.random.key(i))
         results[k] = jax.device_get((state.params, metrics))
-    (params_1, metrics_1), (params_4, metrics_4) = results[1], results[4]
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_4), jax.tree.leaves(params_1)):
-        if len(path) > 1 and path[-2].key == "qkv" and path[-1].key == "bias":
-            # The key biases' exact gradient is 0 (softmax ignores what they add to all of a query's
-            # logits alike), so Adam turns rounding noise into steps of ~lr: compare q and v only.
-            d = a.shape[0] // 3
-            a, b = np.concatenate([a[:d], a[2 * d:]]), np.concatenate([b[:d], b[2 * d:]])
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-    for name in ("loss", "correct", "count"):
-        np.testing.assert_allclose(metrics_4[name], metrics_1[name], rtol=1e-5)
-    assert float(metrics_4["count"]) == 5 * 29
+    params_1, metrics_1 = results[1]
+    for params_k, metrics_k in (results[4], results[None]):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_k), jax.tree.leaves(params_1)):
+            if len(path) > 1 and path[-2].key == "qkv" and path[-1].key == "bias":
+                # The key biases' exact gradient is 0 (softmax ignores what they add to all of a query's
+                # logits alike), so Adam turns rounding noise into steps of ~lr: compare q and v only.
+                d = a.shape[0] // 3
+                a, b = np.concatenate([a[:d], a[2 * d:]]), np.concatenate([b[:d], b[2 * d:]])
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        for name in ("loss", "correct", "count"):
+            np.testing.assert_allclose(metrics_k[name], metrics_1[name], rtol=1e-5)
+        assert float(metrics_k["count"]) == 5 * 29
+
+
+def test_the_cpu_takes_a_batch_in_micro_batches_of_at_most_512_tokens_per_device(monkeypatch):
+    """The default micro-batches: the fewest whose share on each device has at most 512 tokens on the
+    CPU, one batch elsewhere; --grad_accum, when given, is taken as it is."""
+    k = lambda preset, batch, accum=None: step.micro_batches(PRESETS[preset], TrainConfig(batch_size=batch,
+                                                                                         grad_accum=accum))
+    assert jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert k("cifar", 64) == 16  # 65 tokens: 4 images, 260 tokens (8 would be 520)
+    assert k("seed", 64) == 32  # 197 tokens: 2 images, 394 tokens
+    assert k("fast", 64) == 2  # 16 tokens: 32 images, 512 tokens
+    assert k("test", 16) == 1 and k("test", 90) == 3  # 17 tokens: 16 images, 272; 30 images, 510
+    assert k("seed", 3) == 3  # not even one image fits: one each
+    assert k("cifar", 64, 1) == 1 and k("cifar", 64, 2) == 2
+    monkeypatch.setattr(jax, "device_count", lambda: 4)  # 16 images per device
+    assert k("cifar", 64) == 4
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert k("cifar", 64) == 1 and k("seed", 64) == 1 and k("cifar", 64, 2) == 2

@@ -12,6 +12,7 @@ Random uint8 batches stand in for data: no dataset, no TensorFlow, no tfds.
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import os
 import re
@@ -96,8 +97,9 @@ def _random_batch(batch_size: int):
 
 
 def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None,
-        attention: str = "auto", grad_accum: int = 1, profile: bool = False) -> dict:
+        attention: str = "auto", grad_accum: int | None = None, profile: bool = False) -> dict:
     """Times the train step; first_step_s counts from this call (state, compile, first step).
+    grad_accum: the step's micro-batches (None: the run's default, `step.micro_batches`).
     profile: also `op_times` of the step, as 'profile_ms'."""
     started = time.perf_counter()
     model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, attention=attention).validate()
@@ -107,7 +109,8 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     metrics = parallel.replicate(step.zero_metrics())
     batch = parallel.put_batch(*_random_batch(batch_size))
     key = jax.random.key(0)
-    train_fn = step.jit_train_step(parallel, step.Settings.of(model_cfg, cfg), step.Schedule.of(cfg, 782))
+    settings = step.Settings.of(model_cfg, cfg)
+    train_fn = step.jit_train_step(parallel, settings, step.Schedule.of(cfg, 782))
 
     t = time.perf_counter()
     compiled = train_fn.lower(state, metrics, *batch, key).compile()
@@ -131,7 +134,7 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     peak = peak or peak_tflops(device, dtype)
     n = jax.device_count()
     return {
-        "preset": preset, "batch_size": batch_size, "grad_accum": grad_accum, "dtype": dtype,
+        "preset": preset, "batch_size": batch_size, "grad_accum": settings.grad_accum, "dtype": dtype,
         "device": f"{n} x {device.device_kind}",
         "attention": attention_implementation(model_cfg), "params": count_params(state.params),
         "compile_s": compile_s, "first_step_s": first_step_s, "ms_per_step": 1e3 * step_s,
@@ -177,42 +180,51 @@ def print_op_times(ms: dict, top: int = 12):
         print(f"    {kind:<28} {t:9.1f} ms  {100 * t / total:5.1f}%")
 
 
-def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int) -> dict:
+def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int,
+              grad_accum: int | None = None) -> dict:
     """ms of each part of a step, each jitted alone: augmentation, forward (with the loss), backward
-    (forward and backward, less the forward), optimizer update; and the whole step."""
+    (forward and backward, less the forward), optimizer update; and the whole step. The forward and
+    backward take the batch in the step's micro-batches."""
     model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype).validate()
-    cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
+    cfg = TrainConfig(preset=preset, batch_size=batch_size, grad_accum=grad_accum).validate()
+    settings = step.Settings.of(model_cfg, cfg)
+    k = settings.grad_accum
     state = step.create_train_state(model_cfg, cfg)
     schedule = step.Schedule.of(cfg, 782)
     images, labels, mask = _random_batch(batch_size)
     key = jax.random.key(0)
 
-    def loss(params, x):
-        logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": key})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss_fn = functools.partial(step.loss, state.apply_fn, 0.0)
+    micro = lambda a: a.reshape(k, batch_size // k, *a.shape[1:])
 
-    aug = jax.jit(lambda k, im: augment.augment(k, im, model_cfg.img_size))
+    def forward(params, x):  # the loss of each micro-batch, one after the other, as the step takes them
+        return jax.lax.map(lambda b: loss_fn(params, *b, key, "sum")[0], (micro(x), micro(labels), micro(mask))).sum()
+
+    aug = jax.jit(lambda rng, im: augment.augment(rng, im, model_cfg.img_size))
     x = aug(key, images)
-    grads = jax.jit(jax.grad(loss))(state.params, x)
-    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, schedule,
-                                                 step.Settings(model_cfg.img_size)))
+    forward_backward = jax.jit(lambda p, x: step.gradients(loss_fn, p, (x, labels, mask), key, k))
+    grads, _ = forward_backward(state.params, x)
+    whole = jax.jit(lambda s, m: step.train_step(s, m, images, labels, mask, key, schedule, settings))
     ms = {
         "augmentation": _seconds_per_call(aug, (key, images), steps, warmup),
-        "forward": _seconds_per_call(jax.jit(loss), (state.params, x), steps, warmup),
-        "forward_backward": _seconds_per_call(jax.jit(jax.grad(loss)), (state.params, x), steps, warmup),
+        "forward": _seconds_per_call(jax.jit(forward), (state.params, x), steps, warmup),
+        "forward_backward": _seconds_per_call(forward_backward, (state.params, x), steps, warmup),
         "optimizer_update": _seconds_per_call(jax.jit(lambda s, g: s.apply_gradients(grads=g, lr=schedule(s.step))),
                                               (state, grads), steps, warmup),
         "whole_step": _seconds_per_call(whole, (state, step.zero_metrics()), steps, warmup),
     }
-    ms = {k: 1e3 * v for k, v in ms.items()}
+    ms = {part: 1e3 * seconds for part, seconds in ms.items()}
     ms["backward"] = ms["forward_backward"] - ms["forward"]
+    ms["micro_batches"] = k
     return ms
 
 
 def print_breakdown(ms: dict):
     parts = ("augmentation", "forward", "backward", "optimizer_update")
     total = sum(ms[p] for p in parts)
-    print("  where a step's time goes (each part jitted and timed alone):")
+    k = ms["micro_batches"]
+    each = f"; forward and backward in {k} micro-batches, as the step" if k > 1 else ""
+    print(f"  where a step's time goes (each part jitted and timed alone{each}):")
     for p in parts:
         print(f"    {p.replace('_', ' '):<18} {ms[p]:9.1f} ms  {100 * ms[p] / total:5.1f}%")
     print(f"    {'sum of the parts':<18} {total:9.1f} ms  (the whole step, fused: {ms['whole_step']:.1f} ms)")
@@ -226,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
-    parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per update (see vit_jax.train)")
+    parser.add_argument("--grad_accum", type=int, default=None,
+                        help="micro-batches per update (default: the run's, see vit_jax.train --help)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after warm-up")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true",
@@ -236,23 +249,24 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU (known GPUs are looked up)")
     a = parser.parse_args(argv)
-    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0:
-        raise UserError("batch_size and steps must be positive, warmup non-negative")
+    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.grad_accum is not None and a.grad_accum <= 0):
+        raise UserError("batch_size, steps and grad_accum must be positive, warmup non-negative")
     r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"
-    accum = f" in {a.grad_accum} micro-batches" if a.grad_accum > 1 else ""
+    accum = f" in {r['grad_accum']} micro-batches" if r["grad_accum"] > 1 else ""
     print(f"{r['preset']} ({r['params']:,} params) | batch {r['batch_size']}{accum} | {r['dtype']} | {r['device']} | "
           f"attention {r['attention']}")
     print(f"  compile:        {r['compile_s']:.2f} s")
     print(f"  first step at:  {r['first_step_s']:.2f} s (state, compile and one step)")
     print(f"  step:           {r['ms_per_step']:.1f} ms  ({r['images_per_sec']:.1f} images/s)")
     print(f"  FLOPs per step: {1e3 * r['tflops_per_step']:.2f} GFLOP from the model's shapes "
-          f"(XLA counts {1e3 * r['xla_tflops_per_step']:.2f}); {r['achieved_tflops']:.3f} TFLOP/s achieved")
+          f"(XLA counts {1e3 * r['xla_tflops_per_step']:.2f}{', a loop body once' if accum else ''}); "
+          f"{r['achieved_tflops']:.3f} TFLOP/s achieved")
     print(f"  MFU:            {mfu}")
     print(f"  step memory:    {memory} (arguments, outputs and temporaries of the compiled step)")
     if a.breakdown:
-        r["breakdown_ms"] = breakdown(a.preset, a.batch_size, a.dtype, a.steps, a.warmup)
+        r["breakdown_ms"] = breakdown(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.grad_accum)
         print_breakdown(r["breakdown_ms"])
     if a.profile:
         print_op_times(r["profile_ms"])

@@ -193,8 +193,10 @@ class _Run:
     def train(self) -> list[dict]:
         cfg, m = self.cfg, self.model_cfg
         print(f"Device: {describe_devices()}")
+        k = self.settings.grad_accum
+        micro = f", each in {k} micro-batches of {cfg.batch_size // k}" if k > 1 else ""
         print(f"Data: {len(self.train_x):,} train / {len(self.test_x):,} test images, batch size "
-              f"{cfg.batch_size} ({self.steps_per_epoch} batches per epoch)")
+              f"{cfg.batch_size} ({self.steps_per_epoch} batches per epoch{micro})")
         print(f"Model: ViT {cfg.preset} img {m.img_size} patch {m.patch_size} embed {m.embed_dim} "
               f"depth {m.depth} heads {m.num_heads} mlp {m.mlp_ratio:g} {m.dtype} | "
               f"{count_params(self.state.params):,} parameters")
