@@ -21,7 +21,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 from vit_jax import augment, step
 from vit_jax.config import PRESETS, ModelConfig, TrainConfig
