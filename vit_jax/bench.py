@@ -196,7 +196,7 @@ def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int,
     loss_fn = functools.partial(step.loss, state.apply_fn, 0.0)
     micro = lambda a: a.reshape(k, batch_size // k, *a.shape[1:])
 
-    def forward(params, x):  # the loss of each micro-batch, one after the other, as the step takes them
+    def forward(params, x):  # the loss of k micro-batches of the step's size, one after the other
         return jax.lax.map(lambda b: loss_fn(params, *b, key, "sum")[0], (micro(x), micro(labels), micro(mask))).sum()
 
     aug = jax.jit(lambda rng, im: augment.augment(rng, im, model_cfg.img_size))
@@ -248,8 +248,8 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU (known GPUs are looked up)")
     a = parser.parse_args(argv)
-    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.grad_accum is not None and a.grad_accum <= 0):
-        raise UserError("batch_size, steps and grad_accum must be positive, warmup non-negative")
+    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0:
+        raise UserError("batch_size and steps must be positive, warmup non-negative")
     r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"
