@@ -4,13 +4,18 @@ All three run in one process, one after the other, on the same device and the sa
 jitted JAX step (`vit_jax.bench`), the twin's step in eager PyTorch, and the same under
 `torch.compile` (reported as n/a, with the reason, where it fails). Every step does the same work:
 uint8 images -> resize, flip, padded crop, normalize -> forward, cross-entropy, backward, AdamW.
-Random uint8 batches stand in for data. Prints ms/step and images/s of each, and each one's time
-over PyTorch eager's ("JAX time / PyTorch eager time": below 1, JAX is faster); --json PATH writes
-the figures.
+Random uint8 batches stand in for data. Prints ms/step, images/s and GFLOP/s of each, and each
+one's time over PyTorch eager's ("JAX time / PyTorch eager time": below 1, JAX is faster); --json
+PATH writes the figures.
+
+It also times what bounds both steps: their largest matmul, the MLP's first, alone, in XLA at the
+rows of the JAX step's micro-batches and in PyTorch at the rows of its whole batch. A step cannot
+run its FLOPs faster than its kernels run them; on a CPU both steps come close to that floor.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -80,6 +85,31 @@ def time_torch(preset: str, batch_size: int, steps: int, warmup: int, compile: b
     return {"first_step_s": first_step_s, "ms_per_step": 1e3 * step_s, "images_per_sec": batch_size / step_s}
 
 
+def matmul_gflops(jax_rows: int, torch_rows: int, fan_in: int, fan_out: int, device: str) -> dict:
+    """GFLOP/s of (rows, fan_in) @ (fan_in, fan_out) in float32, jitted in XLA and in PyTorch, each
+    timed alone over 10 to 1,000 calls (about 20 GFLOP where that is enough)."""
+    def rate(matmul, rows, wait):
+        flops = 2 * rows * fan_in * fan_out
+        calls = min(1000, max(10, math.ceil(2e10 / flops)))
+        wait(matmul())
+        t = time.perf_counter()
+        for _ in range(calls):
+            out = matmul()
+        wait(out)
+        return flops * calls / (time.perf_counter() - t) / 1e9
+
+    rng = np.random.default_rng(0)
+    x, w = (rng.standard_normal(shape, np.float32) for shape in ((jax_rows, fan_in), (fan_in, fan_out)))
+    x, w = jax.device_put(x), jax.device_put(w)
+    jax_mm = jax.jit(lambda x, w: x @ w)
+    xt, wt = (torch.from_numpy(rng.standard_normal(shape, np.float32)).to(device)
+              for shape in ((torch_rows, fan_in), (fan_in, fan_out)))
+    torch_wait = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return {"shape": [fan_in, fan_out], "jax_rows": jax_rows, "torch_rows": torch_rows,
+            "jax_gflops": rate(lambda: jax_mm(x, w), jax_rows, jax.block_until_ready),
+            "torch_gflops": rate(lambda: xt @ wt, torch_rows, lambda _: torch_wait())}
+
+
 def bench(preset: str, batch_size: int, steps: int, warmup: int, compile: bool = True) -> dict:
     """{'jax', 'torch_eager', 'torch_compile'}: each a dict of timings, or a string saying why not."""
     # PyTorch goes where JAX is: the GPU when both have one, else the CPU.
@@ -101,6 +131,15 @@ def bench(preset: str, batch_size: int, steps: int, warmup: int, compile: bool =
     out["jax_over_eager"] = out["jax"]["ms_per_step"] / eager
     if not isinstance(out["torch_compile"], str):
         out["torch_compile"]["over_eager"] = out["torch_compile"]["ms_per_step"] / eager
+    flops = jax_bench.train_flops(PRESETS[preset], batch_size)
+    out["gflop_per_step"] = flops / 1e9
+    for side in ("jax", "torch_eager", "torch_compile"):
+        if not isinstance(out[side], str):
+            out[side]["gflops"] = flops / out[side]["ms_per_step"] / 1e6
+    m = PRESETS[preset]
+    jax_rows = batch_size // out["jax"]["grad_accum"] // jax.device_count() * m.num_tokens
+    out["matmul"] = matmul_gflops(jax_rows, batch_size * m.num_tokens, m.embed_dim, int(m.embed_dim * m.mlp_ratio),
+                                  device)
     return out
 
 
@@ -135,19 +174,26 @@ def main(argv=None):
     print(f"{a.preset} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on {r['jax_device']}, "
           f"PyTorch on {r['torch_device']} ({r['torch_threads']} threads) | {a.steps} timed steps | {r['cpu']}")
     print("each step: uint8 batch -> resize, flip, crop, normalize -> forward, backward, AdamW")
-    print(f"  {'':<24} {'ms/step':>9}  {'images/s':>9}  time / PyTorch eager time")
+    print(f"  {'':<24} {'ms/step':>9}  {'images/s':>9}  {'GFLOP/s':>8}  time / PyTorch eager time")
     jax_r, eager = r["jax"], r["torch_eager"]
     k = jax_r["grad_accum"]
     micro = f"; the batch in {k} micro-batches of {a.batch_size // k}, as training on this device" if k > 1 else ""
-    print(f"  {'JAX (jit)':<24} {jax_r['ms_per_step']:>9.1f}  {jax_r['images_per_sec']:>9.1f}  "
-          f"{r['jax_over_eager']:.2f}  (compile {jax_r['compile_s']:.1f} s{micro})")
-    print(f"  {'PyTorch eager':<24} {eager['ms_per_step']:>9.1f}  {eager['images_per_sec']:>9.1f}  1.00")
+    row = lambda name, t: f"  {name:<24} {t['ms_per_step']:>9.1f}  {t['images_per_sec']:>9.1f}  {t['gflops']:>8.1f}"
+    print(f"{row('JAX (jit)', jax_r)}  {r['jax_over_eager']:.2f}  (compile {jax_r['compile_s']:.1f} s{micro})")
+    print(f"{row('PyTorch eager', eager)}  1.00")
     t = r["torch_compile"]
     if isinstance(t, str):
         print(f"  {'PyTorch torch.compile':<24} {t}")
     else:
-        print(f"  {'PyTorch torch.compile':<24} {t['ms_per_step']:>9.1f}  {t['images_per_sec']:>9.1f}  "
-              f"{t['over_eager']:.2f}  (first step {t['first_step_s']:.1f} s)")
+        print(f"{row('PyTorch torch.compile', t)}  {t['over_eager']:.2f}  (first step {t['first_step_s']:.1f} s)")
+    mm, gflop = r["matmul"], r["gflop_per_step"]
+    print(f"what bounds them: {gflop:.3g} GFLOP per step (from the model's shapes), and the largest matmul alone, "
+          f"(N, {mm['shape'][0]}) @ ({mm['shape'][0]}, {mm['shape'][1]}):")
+    jax_rows = "a micro-batch of the JAX step" if k > 1 else "its whole batch"
+    for name, rate, rows, what in (("XLA", mm["jax_gflops"], mm["jax_rows"], jax_rows),
+                                   ("PyTorch", mm["torch_gflops"], mm["torch_rows"], "its whole batch")):
+        print(f"  {name:<8} {rate:8.1f} GFLOP/s at N = {rows:,} ({what}): the step's FLOPs at that rate take "
+              f"{gflop / rate * 1e3:,.1f} ms")
     print(f"JAX time / PyTorch eager time: {r['jax_over_eager']:.2f}")
     if a.json:
         with atomic_open(a.json) as f:

@@ -264,6 +264,16 @@ def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
     assert r["jax"]["images_per_sec"] > 0 and r["torch_eager"]["images_per_sec"] > 0
     assert r["jax_over_eager"] == r["jax"]["ms_per_step"] / r["torch_eager"]["ms_per_step"]
     assert f"JAX time / PyTorch eager time: {r['jax_over_eager']:.2f}" in out and "n/a: --no-compile" in out
+    # What bounds both steps: their FLOPs per second, and the largest matmul alone at each step's rows.
+    assert r["gflop_per_step"] == bench.jax_bench.train_flops(PRESETS["test"], 4) / 1e9
+    for side in ("jax", "torch_eager"):
+        assert r[side]["gflops"] == pytest.approx(r["gflop_per_step"] / r[side]["ms_per_step"] * 1e3)
+    mm = r["matmul"]
+    assert mm["shape"] == [32, 64] and mm["torch_rows"] == 4 * 17  # the test preset: 17 tokens, MLP 32 -> 64
+    assert mm["jax_rows"] == 4 // r["jax"]["grad_accum"] // jax.device_count() * 17
+    assert mm["jax_gflops"] > 0 and mm["torch_gflops"] > 0
+    assert f"XLA      {mm['jax_gflops']:8.1f} GFLOP/s at N = {mm['jax_rows']:,} (" in out
+    assert f"PyTorch  {mm['torch_gflops']:8.1f} GFLOP/s at N = {mm['torch_rows']:,} (its whole batch)" in out
     with open(out_json) as f:
         saved = json.load(f)
     assert saved["jax_over_eager"] == r["jax_over_eager"] and saved["cpu"] and "torch_eager" in saved
