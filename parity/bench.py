@@ -9,8 +9,8 @@ one's time over PyTorch eager's ("JAX time / PyTorch eager time": below 1, JAX i
 PATH writes the figures.
 
 It also times what bounds both steps: their largest matmul, the MLP's first, alone, in XLA at the
-rows of the JAX step's micro-batches and in PyTorch at the rows of its whole batch. A step cannot
-run its FLOPs faster than its kernels run them; on a CPU both steps come close to that floor.
+rows of the JAX step's micro-batches and in PyTorch at the rows of its whole batch. The step's FLOPs
+at that rate estimate the fastest it could run with that kernel.
 """
 
 import argparse
@@ -189,8 +189,8 @@ def main(argv=None):
     mm, gflop = r["matmul"], r["gflop_per_step"]
     print(f"what bounds them: {gflop:.3g} GFLOP per step (from the model's shapes), and the largest matmul alone, "
           f"(N, {mm['shape'][0]}) @ ({mm['shape'][0]}, {mm['shape'][1]}):")
-    jax_rows = "a micro-batch of the JAX step" if k > 1 else "its whole batch"
-    for name, rate, rows, what in (("XLA", mm["jax_gflops"], mm["jax_rows"], jax_rows),
+    jax_whose = "a micro-batch of the JAX step" if k > 1 else "its whole batch"
+    for name, rate, rows, what in (("XLA", mm["jax_gflops"], mm["jax_rows"], jax_whose),
                                    ("PyTorch", mm["torch_gflops"], mm["torch_rows"], "its whole batch")):
         print(f"  {name:<8} {rate:8.1f} GFLOP/s at N = {rows:,} ({what}): the step's FLOPs at that rate take "
               f"{gflop / rate * 1e3:,.1f} ms")
