@@ -8,7 +8,7 @@ Random uint8 batches stand in for data. Prints ms/step, images/s and GFLOP/s of 
 one's time over PyTorch eager's ("JAX time / PyTorch eager time": below 1, JAX is faster); --json
 PATH writes the figures.
 
-It also times what bounds both steps: their largest matmul, the MLP's first, alone, in XLA at the
+It also times what limits both steps: their largest matmul, the MLP's first, alone, in XLA at the
 rows of the JAX step's micro-batches and in PyTorch at the rows of its whole batch. The step's FLOPs
 at that rate estimate the fastest it could run with that kernel.
 """
@@ -187,7 +187,7 @@ def main(argv=None):
     else:
         print(f"{row('PyTorch torch.compile', t)}  {t['over_eager']:.2f}  (first step {t['first_step_s']:.1f} s)")
     mm, gflop = r["matmul"], r["gflop_per_step"]
-    print(f"what bounds them: {gflop:.3g} GFLOP per step (from the model's shapes), and the largest matmul alone, "
+    print(f"what limits them: {gflop:.3g} GFLOP per step (from the model's shapes), and the largest matmul alone, "
           f"(N, {mm['shape'][0]}) @ ({mm['shape'][0]}, {mm['shape'][1]}):")
     jax_whose = "a micro-batch of the JAX step" if k > 1 else "its whole batch"
     for name, rate, rows, what in (("XLA", mm["jax_gflops"], mm["jax_rows"], jax_whose),
