@@ -264,7 +264,7 @@ def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
     assert r["jax"]["images_per_sec"] > 0 and r["torch_eager"]["images_per_sec"] > 0
     assert r["jax_over_eager"] == r["jax"]["ms_per_step"] / r["torch_eager"]["ms_per_step"]
     assert f"JAX time / PyTorch eager time: {r['jax_over_eager']:.2f}" in out and "n/a: --no-compile" in out
-    # What bounds both steps: their FLOPs per second, and the largest matmul alone at each step's rows.
+    # What limits both steps: their FLOPs per second, and the largest matmul alone at each step's rows.
     assert r["gflop_per_step"] == bench.jax_bench.train_flops(PRESETS["test"], 4) / 1e9
     for side in ("jax", "torch_eager"):
         assert r[side]["gflops"] == pytest.approx(r["gflop_per_step"] / r[side]["ms_per_step"] * 1e3)
