@@ -7,6 +7,7 @@ picture is opened to check its size in pixels.
 import csv
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -181,7 +182,7 @@ def _synthetic_run(run, tmp_path, accs):
     """A copy of the run's config, for len(accs) epochs, with a metrics.jsonl whose test accuracies are `accs`."""
     workdir = tmp_path / "synthetic"
     workdir.mkdir()
-    config = json.loads(open(os.path.join(run, "config.json")).read())
+    config = json.loads(pathlib.Path(run, "config.json").read_text())
     config["train"]["epochs"] = len(accs)
     (workdir / "config.json").write_text(json.dumps(config))
     rows = [{"epoch": e + 1, "lr": 1e-3 / (e + 1), "train_loss": 2.0 - 0.1 * e, "train_acc": 10.0 + e,
@@ -215,7 +216,7 @@ def test_plot_compares_runs_by_wall_clock_time(run, tmp_path):
 
 def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):
     path = summary.write_summary(run, device="2 x test device")
-    text = open(path).read()
+    text = pathlib.Path(path).read_text()
     best = max(_rows(run), key=lambda r: r["test_acc"])
     assert f"| **best** | {best['epoch']} | {best['test_acc']:.2f}% |" in text
     assert "2 x test device" in text and "24,234 parameters" in text
@@ -224,7 +225,7 @@ def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):
 
     # The first of equal accuracies, as training keeps it; pictures not made yet are named with their command.
     synthetic = _synthetic_run(run, tmp_path, [10.0, 30.0, 30.0, 20.0])
-    text = open(summary.main(["--workdir", synthetic, "--device", "cpu"])).read()
+    text = pathlib.Path(summary.main(["--workdir", synthetic, "--device", "cpu"])).read_text()
     assert "| **best** | 2 | 30.00% |" in text and "| final | 4 | 20.00% |" in text
     assert "4 of 4 epochs" in text
     assert "![Attention maps]" not in text and "python -m vit_jax.visualize_attention --workdir" in text

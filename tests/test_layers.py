@@ -3,6 +3,7 @@ has no import circle, not even through imports inside functions; training runs w
 
 import ast
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -29,7 +30,7 @@ def import_graph() -> dict[str, set[str]]:
             path = os.path.join(ROOT, package, name)
             module = _module(path)
             targets = set()
-            for node in ast.walk(ast.parse(open(path).read(), path)):
+            for node in ast.walk(ast.parse(pathlib.Path(path).read_text(), path)):
                 if isinstance(node, ast.Import):
                     targets |= {a.name for a in node.names}
                 elif isinstance(node, ast.ImportFrom):

@@ -4,6 +4,7 @@ damage, and the evaluate command's bad input."""
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -57,9 +58,9 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
         with workdir.atomic_open(path) as f:
             f.write("half of the new")
             raise RuntimeError("killed")
-    assert open(path).read() == "old"
+    assert pathlib.Path(path).read_text() == "old"
     workdir.write_atomic(path, "new")
-    assert open(path).read() == "new" and os.listdir(tmp_path) == ["f.json"]
+    assert pathlib.Path(path).read_text() == "new" and os.listdir(tmp_path) == ["f.json"]
 
 
 def test_a_config_written_by_another_version_still_loads(tmp_path):
