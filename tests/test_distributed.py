@@ -93,7 +93,7 @@ def test_a_killed_process_stops_the_other_in_one_line_and_a_rerun_resumes(two_by
     killed = time.time()
     out, err = procs[0].communicate(timeout=300)
     noticed = time.time() - killed
-    procs[1].wait()
+    procs[1].communicate()
     assert procs[0].returncode == 3 and noticed < HEARTBEAT + 30, (procs[0].returncode, noticed, err)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")], err

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_a_time_budget_chooses_the_epochs_ends_in_time_and_a_rerun_keeps_them(tm
     assert run.returncode == 0, run.stderr
     assert took <= BUDGET * 60 + 1.0, (took, run.stdout)  # + the start of the interpreter, before the process clock
     plan = next(line for line in run.stdout.splitlines() if line.startswith(f"Plan: time budget {BUDGET:g} min"))
-    chosen = json.loads(open(os.path.join(workdir, "config.json")).read())["train"]
+    chosen = json.loads(pathlib.Path(workdir, "config.json").read_text())["train"]
     assert f": {chosen['epochs']} epochs" in plan and chosen["time_budget"] == BUDGET and chosen["epochs"] > 1
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert len(f.readlines()) == chosen["epochs"]
@@ -123,7 +124,7 @@ def test_a_time_budget_chooses_the_epochs_ends_in_time_and_a_rerun_keeps_them(tm
                            timeout=300)
     assert again.returncode == 0, again.stderr
     assert "Plan:" not in again.stdout and "Done: best test accuracy" in again.stdout
-    assert json.loads(open(os.path.join(workdir, "config.json")).read())["train"] == chosen
+    assert json.loads(pathlib.Path(workdir, "config.json").read_text())["train"] == chosen
 
 
 def test_an_interrupted_budgeted_run_resumes_with_the_length_it_chose(tmp_path, cifar_archive):
@@ -135,7 +136,7 @@ def test_an_interrupted_budgeted_run_resumes_with_the_length_it_chose(tmp_path, 
             proc.send_signal(signal.SIGINT)
             break
     proc.communicate(timeout=120)
-    chosen = json.loads(open(os.path.join(workdir, "config.json")).read())["train"]["epochs"]
+    chosen = json.loads(pathlib.Path(workdir, "config.json").read_text())["train"]["epochs"]
     resumed = subprocess.run(_budget_cmd(cifar_archive, workdir, BUDGET), cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -158,7 +159,7 @@ def test_steps_slower_than_measured_cut_the_last_epoch_short_and_the_run_ends_in
     out = capsys.readouterr().out
     with open(os.path.join(tmp_path, "run", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    chosen = json.loads(open(os.path.join(tmp_path, "run", "config.json")).read())["train"]
+    chosen = json.loads(pathlib.Path(tmp_path, "run", "config.json").read_text())["train"]
     assert 1 < chosen["epochs"] == len(rows)  # the plan's epochs, all recorded
     spe = -(-min(chosen["train_limit"] or 100, 100) // 16)
     assert f"Budget: the last epoch stops after batch 1 of {spe}" in out

@@ -86,8 +86,7 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(cifar
                 time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 break
-        proc.stdout.read()
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)  # the rest of its output; closes the pipe
         out = "".join(seen)
         assert "damaged checkpoint" not in out and "Traceback" not in out, out
         if proc.returncode != -signal.SIGKILL:  # the run finished before its marker came
