@@ -217,7 +217,8 @@ class Settings:
 # their activations stay in the caches from one operation to the next. Measured on a 2-core AMD EPYC
 # (Zen 3), batch 64, ms per step with K micro-batches (python -m vit_jax.bench --grad_accum K):
 # cifar (65 tokens) 2,056 (K=1), 1,560 (8), 1,551 (16); seed (197 tokens) 15,656 (1), 11,706 (8),
-# 10,787 (16), 10,771 (32); fast (16 tokens) 117 (1), 106 (2), 123 (4).
+# 10,787 (16), 10,771 (32); fast (16 tokens) 117 (1), 106 (2), 123 (4). On another day of the same
+# machine the gain was smaller, and 16 still the best: cifar 1,483 (1), 1,466 (8), 1,373 (16).
 CPU_MICRO_BATCH_TOKENS = 512
 
 
