@@ -131,12 +131,12 @@ def bench(preset: str, batch_size: int, steps: int, warmup: int, compile: bool =
     out["jax_over_eager"] = out["jax"]["ms_per_step"] / eager
     if not isinstance(out["torch_compile"], str):
         out["torch_compile"]["over_eager"] = out["torch_compile"]["ms_per_step"] / eager
-    flops = jax_bench.train_flops(PRESETS[preset], batch_size)
+    m = PRESETS[preset]
+    flops = jax_bench.train_flops(m, batch_size)
     out["gflop_per_step"] = flops / 1e9
     for side in ("jax", "torch_eager", "torch_compile"):
         if not isinstance(out[side], str):
             out[side]["gflops"] = flops / out[side]["ms_per_step"] / 1e6
-    m = PRESETS[preset]
     jax_rows = batch_size // out["jax"]["grad_accum"] // jax.device_count() * m.num_tokens
     out["matmul"] = matmul_gflops(jax_rows, batch_size * m.num_tokens, m.embed_dim, int(m.embed_dim * m.mlp_ratio),
                                   device)
