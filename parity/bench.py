@@ -31,7 +31,7 @@ from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import PRESETS, TrainConfig
 from vit_jax.errors import UserError, cli, reason
-from vit_jax.workdir import atomic_open
+from vit_jax.workdir import atomic_open, check_output
 
 MEAN = torch.tensor(augment.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(augment.STD).view(1, 3, 1, 1)
@@ -166,8 +166,10 @@ def main(argv=None):
                         help="PyTorch's CPU threads (default: its own choice, one per core); on a CPU that "
                              "other processes share, 1 can be faster")
     a = parser.parse_args(argv)
-    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.torch_threads or 1) <= 0:
+    if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.torch_threads is not None and a.torch_threads <= 0):
         raise UserError("batch_size, steps and torch_threads must be positive, warmup non-negative")
+    if a.json:
+        check_output(a.json, "--json")  # before minutes of timing, not after
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     r = bench(a.preset, a.batch_size, a.steps, a.warmup, a.compile)

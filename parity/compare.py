@@ -34,7 +34,7 @@ from vit_jax import augment, data, step
 from vit_jax.config import PRESETS, ModelConfig, TrainConfig
 from vit_jax.errors import UserError, cli
 from vit_jax.model import VisionTransformer as FlaxViT, init_params
-from vit_jax.workdir import atomic_open, load_best
+from vit_jax.workdir import atomic_open, check_output, load_best
 
 # Max |logits difference| allowed, by preset. float32 sums in another order differ by ~1e-7 relative
 # per operation; the 224-pixel seed model has 12x the tokens and 12x the width of `test` to sum over.
@@ -311,6 +311,10 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     if a.num_images <= 0 or a.batch_size <= 0 or a.train_steps < 0 or a.steps_per_epoch <= 0:
         raise UserError("num_images, batch_size and steps_per_epoch must be positive, train_steps non-negative")
+    if a.tolerance is not None and not 0 <= a.tolerance < float("inf"):
+        raise UserError(f"--tolerance must be a non-negative number, got {a.tolerance}")
+    if a.json:
+        check_output(a.json, "--json")
 
     jax_device, torch_device = _devices(a.device)
     # float32 everywhere, at full precision: on a GPU, XLA would otherwise use TF32 matmuls.
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
             raise UserError(f"--train_steps {a.train_steps} is more than the schedule's {cfg.epochs} epochs "
                             f"of {a.steps_per_epoch} steps: raise --steps_per_epoch")
         preset = preset_of(model_cfg)
-        tolerance = a.tolerance or TOLERANCE.get(preset, DEFAULT_TOLERANCE)
+        tolerance = a.tolerance if a.tolerance is not None else TOLERANCE.get(preset, DEFAULT_TOLERANCE)
         model = torch_twin(model_cfg, params, state_dict).to(torch_device)
         if a.perturb:
             weights = dict(model.named_parameters())

@@ -6,9 +6,12 @@ picture is opened to check its size in pixels.
 
 import csv
 import json
+import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -212,6 +215,36 @@ def test_plot_compares_runs_by_wall_clock_time(run, tmp_path):
     assert out == os.path.join(run, "compare.png") and _png_size(out) == plot.COMPARE_PX
     with pytest.raises(SystemExit):
         plot.main(["--workdir", run, "--compare", str(tmp_path / "nothing")])
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    file, under = str(tmp_path / "file"), str(tmp_path / "file" / "sub")
+    for command, out, folder, why in ((plot.main, under + "/c.png", under, "Not a directory"),
+                                      (visualize_attention.main, file + "/a.png", file, "a file, not a folder"),
+                                      (analyze.main, under, under, "Not a directory"),
+                                      (analyze.main, file, file, "a file, not a folder")):
+        with pytest.raises(SystemExit) as e:
+            command(["--workdir", run, "--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"error: cannot write to '{folder}' ({why}): choose another --out\n", err
+
+
+def test_a_closed_output_pipe_is_one_line_not_a_traceback(run):
+    """`python -m vit_jax.plot ... | head -0`: the reader is gone before the command writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "vit_jax.plot", "--workdir", run], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.startswith("error: the output was closed before the command ended") and err.count("\n") == 1, err
+
+
+def test_reading_a_checkpoint_logs_no_warning(run, caplog):
+    """orbax warns about every option of a read-only checkpoint manager: four lines of each evaluate."""
+    with caplog.at_level(logging.WARNING):
+        evaluate.main(["--workdir", run])
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):

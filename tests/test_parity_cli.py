@@ -244,6 +244,16 @@ def test_compare_a_workdir_and_an_exported_checkpoint_with_training(test_workdir
     assert code == 0 and r["source"] == f"PyTorch checkpoint {pth}"
 
 
+def test_compare_refuses_what_it_cannot_use_before_comparing(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for args, message in ((["--json", str(tmp_path / "file" / "c.json")],
+                           f"cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json"),
+                          (["--tolerance", "nan"], "--tolerance must be a non-negative number, got nan")):
+        with pytest.raises(SystemExit) as e:
+            compare.main(args)
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_compare_refuses_a_checkpoint_of_another_preset(tmp_path, capsys):
     path = str(tmp_path / "bare.pth")
     torch.save(_torch_model().state_dict(), path)
@@ -277,6 +287,14 @@ def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
     with open(out_json) as f:
         saved = json.load(f)
     assert saved["jax_over_eager"] == r["jax_over_eager"] and saved["cpu"] and "torch_eager" in saved
+
+
+def test_bench_refuses_a_json_path_it_cannot_write_before_timing(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "test", "--json", str(tmp_path / "file" / "b.json")])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json\n")
 
 
 def test_torch_augment_matches_the_jax_preprocessing_without_the_random_part():

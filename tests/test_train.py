@@ -121,6 +121,10 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     (["--preset", "huge"], "invalid choice"),
     (["--epoch", "3"], "unrecognized arguments"),
     (["--batch_size", "ten"], "invalid int value"),
+    # float() reads these, and every range check passes nan: caught before they reach the loss
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--time_budget", "inf"], "time_budget must be a finite number, got inf"),
+    (["--mlp_ratio", "nan"], "mlp_ratio must be a finite number, got nan"),
 ])
 def test_bad_settings_fail_at_once_with_one_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -19,7 +19,7 @@ from vit_jax import data
 from vit_jax.errors import UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, predict_logits, softmax
-from vit_jax.workdir import ANALYSIS, atomic_open, load_best
+from vit_jax.workdir import ANALYSIS, atomic_open, load_best, make
 
 CONFUSION_PX = (1300, 600)  # (width, height) of confusion.png
 ERROR_COLS, ERROR_ROWS = 8, 4  # errors.png shows at most ERROR_COLS * ERROR_ROWS images
@@ -183,6 +183,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--batch_size must be positive, got {a.batch_size}")
 
     run = load_best(a.workdir)
+    if a.out:
+        make(a.out, "--out", what="")
     images, labels = data.load_split("test", limit=a.test_limit, **data.source(a, run.cfg))
     out_dir = a.out or os.path.join(a.workdir, ANALYSIS)
     result = analyze(run.model_cfg, run.params, images, labels, out_dir,

@@ -250,6 +250,8 @@ def main(argv=None):
     a = parser.parse_args(argv)
     if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0:
         raise UserError("batch_size and steps must be positive, warmup non-negative")
+    if a.peak_tflops is not None and not 0 < a.peak_tflops < float("inf"):
+        raise UserError(f"--peak_tflops must be a positive number, got {a.peak_tflops}")
     r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"

@@ -6,10 +6,23 @@ checkpoint that looks whole. Which folders a run has, and how they are sealed ag
 is `workdir.py`'s business.
 """
 
+import contextlib
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+
+@contextlib.contextmanager
+def _absl_warnings_off():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class Folder:
@@ -17,8 +30,11 @@ class Folder:
 
     def __init__(self, path: str, item: str, keep: int = 1, read_only: bool = False):
         self.path, self.item = os.path.abspath(path), item
-        self._manager = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=False))
+        # Read-only, orbax warns that the folder is read-only and that it turned off saving and
+        # deleting: what was asked for, four lines on stderr of every evaluate, analyze or export.
+        with _absl_warnings_off() if read_only else contextlib.nullcontext():
+            self._manager = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=False))
 
     def steps(self) -> list[int]:
         """The whole checkpoints on disk now, oldest first."""

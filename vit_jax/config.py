@@ -8,6 +8,7 @@ value fails at once with a message that says what to change.
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 
@@ -17,6 +18,15 @@ from vit_jax.errors import UserError
 def field(default, help: str, *, resumable: bool = False):
     """A config field with its flag's help text; `resumable`: may differ when a run is resumed."""
     return dataclasses.field(default=default, metadata={"help": help, "resumable": resumable})
+
+
+def _check_finite(cfg):
+    """Python's float() takes 'nan' and 'inf', which every range check below lets through (nan compares
+    false both ways) and which would only show up later, as a loss that is not finite."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +59,7 @@ class ModelConfig:
         return self.num_patches + int(self.class_token)
 
     def validate(self) -> "ModelConfig":
+        _check_finite(self)
         for name in ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -158,6 +169,7 @@ class TrainConfig:
                                        "(and at most to wait for the coordinator to answer)", resumable=True)
 
     def validate(self) -> "TrainConfig":
+        _check_finite(self)
         if self.recipe not in RECIPES:
             raise UserError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.preset not in PRESETS:

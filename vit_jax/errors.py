@@ -1,6 +1,7 @@
 """Errors the user can fix, and the command-line wrapper that prints them as one line."""
 
 import functools
+import os
 import sys
 
 
@@ -20,14 +21,23 @@ def reason(error: BaseException, limit: int = 200, last: bool = False) -> str:
 
 
 def cli(main):
-    """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2."""
+    """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2; output that
+    nobody reads any more (`| head`) one line and status 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, not in Python's own message at exit
+            return result
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except BrokenPipeError:
+            # Python would print a traceback, then fail a second time flushing stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            print("error: the output was closed before the command ended (the program reading it exited); "
+                  "a training run continues from its last checkpoint when run again", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper

@@ -13,7 +13,7 @@ import os
 
 from vit_jax.errors import cli
 from vit_jax.figure import figsize, save, subplots
-from vit_jax.workdir import COMPARE, CURVES, finished_epochs, read_config
+from vit_jax.workdir import COMPARE, CURVES, check_output, finished_epochs, read_config
 
 CURVES_PX = (1500, 450)  # (width, height) of curves.png
 COMPARE_PX = (1200, 450)  # of --compare's picture
@@ -92,6 +92,8 @@ def main(argv=None) -> str:
     parser.add_argument("--compare", nargs="+", metavar="WORKDIR", default=None,
                         help="other runs to draw beside --workdir's, against wall-clock minutes")
     a = parser.parse_args(argv)
+    if a.out:
+        check_output(a.out)
     if a.compare:
         out = plot_comparison([a.workdir, *a.compare], a.out or os.path.join(a.workdir, COMPARE))
     else:

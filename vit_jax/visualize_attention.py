@@ -15,7 +15,7 @@ from vit_jax import attention, data
 from vit_jax.errors import UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, load_images, softmax
-from vit_jax.workdir import ATTENTION, load_best
+from vit_jax.workdir import ATTENTION, check_output, load_best
 
 CELL_PX = 160  # each map is drawn in a CELL_PX x CELL_PX square
 OVERLAY_ALPHA = 0.55
@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--num_images must be positive, got {a.num_images}")
 
     run = load_best(a.workdir)
+    if a.out:
+        check_output(a.out)
     cfg, model_cfg, meta = run.cfg, run.model_cfg, run.meta
     true_labels = None
     if a.images:

@@ -70,15 +70,24 @@ def write_atomic(path: str, text: str):
         f.write(text)
 
 
-def make(workdir: str):
-    """Creates the workdir, and checks that it can be written before any work is done."""
+def make(folder: str, flag: str = "--workdir", what: str = "workdir "):
+    """Creates the workdir (or a command's output folder, named by `flag`), and checks that it can be
+    written before any work is done."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write_test")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to workdir {workdir!r} ({e.strerror}): choose another --workdir")
+        why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror
+        raise UserError(f"cannot write to {what}{folder!r} ({why}): choose another {flag}") from None
+
+
+def check_output(path: str, flag: str = "--out") -> str:
+    """A command's output file: creates its folder and checks that it can be written, before the work
+    that the file is for; returns `path`."""
+    make(os.path.dirname(os.path.abspath(path)), flag, what="")
+    return path
 
 
 @contextlib.contextmanager
