@@ -2,9 +2,11 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +181,21 @@ def test_a_second_ctrl_c_quits_at_once_in_one_line_and_loses_nothing(tmp_path, c
     again = _cli("vit_jax.train", *cmd[4:])
     assert again.returncode == 0, again.stderr
     assert [r["epoch"] for r in _rows(workdir)] == [1]
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_ends_it(tmp_path, cifar_archive):
+    """During the imports, before the run's own handler: Python's KeyboardInterrupt would show a
+    traceback from inside jax, or be swallowed by one of jax's garbage-collection callbacks."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "vit_jax.train", "--preset", "test", "--archive", cifar_archive,
+                             "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    maps = pathlib.Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "jaxlib" not in maps.read_text():  # importing jax: a second before the run
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == train.EXIT_INTERRUPTED and out == "", (out, err)
+    assert err.strip() == "Stopped; no training step was running, so nothing needed saving. Run the same command " \
+                          "again to go on.", err
+    assert not workdir.exists()

@@ -15,17 +15,33 @@ import signal
 import sys
 import time
 
-import jax
-from tqdm import tqdm
-
-from vit_jax import budget, config as config_lib
-from vit_jax import data, distributed, step, summary, tensorboard_log, weights, workdir
-from vit_jax.config import ModelConfig, TrainConfig
-from vit_jax.devices import DataParallel, describe_devices
-from vit_jax.errors import UserError, cli
-from vit_jax.model import count_params
-
 EXIT_INTERRUPTED = 130
+
+
+def _stopped_between_steps(signum, frame):
+    """Ctrl+C outside the run's own handler (`_StopFlag`): before it, while the imports below take
+    their second or two and the workdir is opened, nothing has begun that a rerun would not redo, so
+    the process ends at once, as a kill would. Python's KeyboardInterrupt could land anywhere in the
+    imports (a traceback through jax's internals) or in one of jax's garbage-collection callbacks,
+    which swallow it: the run then went on as if Ctrl+C had not been pressed."""
+    print("\nStopped; no training step was running, so nothing needed saving. Run the same command again "
+          "to go on.", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _stopped_between_steps)
+
+import jax  # noqa: E402 (here and below: after the handler)
+from tqdm import tqdm  # noqa: E402
+
+from vit_jax import budget, config as config_lib  # noqa: E402
+from vit_jax import data, distributed, step, summary, tensorboard_log, weights, workdir  # noqa: E402
+from vit_jax.config import ModelConfig, TrainConfig  # noqa: E402
+from vit_jax.devices import DataParallel, describe_devices  # noqa: E402
+from vit_jax.errors import UserError, cli  # noqa: E402
+from vit_jax.model import count_params  # noqa: E402
+
 STOP_CHECK_EVERY = 10  # with many processes, they agree on a stop signal every this many steps
 
 
