@@ -21,9 +21,10 @@ EXIT_INTERRUPTED = 130
 def _stopped_between_steps(signum, frame):
     """Ctrl+C outside the run's own handler (`_StopFlag`): before it, while the imports below take
     their second or two and the workdir is opened, nothing has begun that a rerun would not redo, so
-    the process ends at once, as a kill would. Python's KeyboardInterrupt could land anywhere in the
-    imports (a traceback through jax's internals) or in one of jax's garbage-collection callbacks,
-    which swallow it: the run then went on as if Ctrl+C had not been pressed."""
+    the process ends at once, as a kill would. Python's KeyboardInterrupt crashed the process while
+    jaxlib's library loaded (SIGSEGV), showed a traceback through jax's internals a little later, or
+    landed in one of jax's garbage-collection callbacks, which swallow it (jax issue 18246): the run
+    then went on as if Ctrl+C had not been pressed."""
     print("\nStopped; no training step was running, so nothing needed saving. Run the same command again "
           "to go on.", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED)
