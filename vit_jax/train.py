@@ -33,15 +33,16 @@ def _stopped_between_steps(signum, frame):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _stopped_between_steps)
 
-import jax  # noqa: E402 (here and below: after the handler)
-from tqdm import tqdm  # noqa: E402
+# The other imports come after the handler (flake8 would say E402): jax's alone takes a second.
+import jax
+from tqdm import tqdm
 
-from vit_jax import budget, config as config_lib  # noqa: E402
-from vit_jax import data, distributed, step, summary, tensorboard_log, weights, workdir  # noqa: E402
-from vit_jax.config import ModelConfig, TrainConfig  # noqa: E402
-from vit_jax.devices import DataParallel, describe_devices  # noqa: E402
-from vit_jax.errors import UserError, cli  # noqa: E402
-from vit_jax.model import count_params  # noqa: E402
+from vit_jax import budget, config as config_lib
+from vit_jax import data, distributed, step, summary, tensorboard_log, weights, workdir
+from vit_jax.config import ModelConfig, TrainConfig
+from vit_jax.devices import DataParallel, describe_devices
+from vit_jax.errors import UserError, cli
+from vit_jax.model import count_params
 
 STOP_CHECK_EVERY = 10  # with many processes, they agree on a stop signal every this many steps
 
