@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, config as config_lib, workdir
+from vit_jax import checkpoint, config as config_lib, errors, workdir
 from vit_jax.config import PRESETS, TrainConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
@@ -142,10 +142,20 @@ def test_a_workdir_without_a_best_checkpoint(tmp_path):
     assert not os.path.exists(tmp_path / "best")  # reading created nothing
 
 
-@pytest.mark.parametrize("value", ["0", "-3"])
-def test_evaluate_refuses_a_batch_size_that_is_not_positive(tmp_path, value):
+@pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--batch_size", "-3"), ("--test_limit", "0")])
+def test_evaluate_refuses_a_size_that_is_not_positive(tmp_path, flag, value):
     path = _run_with_best(tmp_path / "run")
-    run = subprocess.run([sys.executable, "-m", "vit_jax.evaluate", "--workdir", path, "--batch_size", value],
+    run = subprocess.run([sys.executable, "-m", "vit_jax.evaluate", "--workdir", path, flag, value],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip() == f"error: --batch_size must be positive, got {value}"
+    assert run.stderr.strip() == f"error: {flag} must be positive, got {value}"
+
+
+def test_ctrl_c_in_a_command_is_one_word_and_status_130(capsys):
+    @errors.cli
+    def command():
+        raise KeyboardInterrupt  # where Python raises it: anywhere in main()
+
+    with pytest.raises(SystemExit) as e:
+        command()
+    assert e.value.code == 130 and capsys.readouterr().err == "\nInterrupted.\n"

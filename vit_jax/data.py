@@ -27,7 +27,7 @@ def load_split(split: str, data_dir: str | None = None, limit: int | None = None
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}; CIFAR-10 has 'train' and 'test'")
     if limit is not None and limit <= 0:
-        raise UserError(f"limit must be positive, got {limit}")
+        raise UserError(f"--{split}_limit must be positive, got {limit}")
     if archive is not None:
         return archive_source.load_split(archive, split, limit)
     from vit_jax import tfds_data  # TensorFlow: only on this path

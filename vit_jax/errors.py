@@ -21,8 +21,8 @@ def reason(error: BaseException, limit: int = 200, last: bool = False) -> str:
 
 
 def cli(main):
-    """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2; output that
-    nobody reads any more (`| head`) one line and status 1."""
+    """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2, Ctrl+C one
+    word and status 130, output that nobody reads any more (`| head`) one line and status 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -33,6 +33,9 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl+C in a command that has nothing to save (training has its own)
+            print("\nInterrupted.", file=sys.stderr)
+            sys.exit(130)
         except BrokenPipeError:
             # Python would print a traceback, then fail a second time flushing stdout at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
