@@ -192,7 +192,7 @@ def test_second_run_on_a_workdir_in_use_is_refused_and_a_dead_lock_is_not(cifar_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--workdir", "/proc/version/run"], "cannot write to workdir"),
+    (["--workdir", "/proc/version/run"], "cannot write to '/proc/version/run' (Not a directory): choose another --workdir"),
     (["--archive", "/nonexistent/cifar-10-binary.tar.gz"], "does not exist; expected cifar-10-binary.tar.gz"),
     (["--save_every", "-1"], "save_every must be"),
     (["--batch_size", "0"], "batch_size must be positive"),

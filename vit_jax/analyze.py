@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
 
     run = load_best(a.workdir)
     if a.out:
-        make(a.out, "--out", what="")
+        make(a.out, "--out")
     images, labels = data.load_split("test", limit=a.test_limit, **data.source(a, run.cfg))
     out_dir = a.out or os.path.join(a.workdir, ANALYSIS)
     result = analyze(run.model_cfg, run.params, images, labels, out_dir,

@@ -70,9 +70,9 @@ def write_atomic(path: str, text: str):
         f.write(text)
 
 
-def make(folder: str, flag: str = "--workdir", what: str = "workdir "):
-    """Creates the workdir (or a command's output folder, named by `flag`), and checks that it can be
-    written before any work is done."""
+def make(folder: str, flag: str = "--workdir"):
+    """Creates a folder the command writes in (the workdir, or the one given as `flag`), and checks
+    that it can be written before any work is done."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, ".write_test")
@@ -80,13 +80,13 @@ def make(folder: str, flag: str = "--workdir", what: str = "workdir "):
         os.remove(probe)
     except OSError as e:
         why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror
-        raise UserError(f"cannot write to {what}{folder!r} ({why}): choose another {flag}") from None
+        raise UserError(f"cannot write to {folder!r} ({why}): choose another {flag}") from None
 
 
 def check_output(path: str, flag: str = "--out") -> str:
     """A command's output file: creates its folder and checks that it can be written, before the work
     that the file is for; returns `path`."""
-    make(os.path.dirname(os.path.abspath(path)), flag, what="")
+    make(os.path.dirname(os.path.abspath(path)), flag)
     return path
 
 
