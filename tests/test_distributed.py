@@ -149,3 +149,27 @@ def test_a_coordinator_that_cannot_be_reached_is_one_line_after_a_bounded_wait(a
     assert run.returncode == 2 and time.time() - started < 60
     assert run.stderr.strip().splitlines()[-1].startswith("error: the coordinator localhost:")
     assert "cannot be reached after 5 s" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_what_a_process_is_asked_to_join_is_read_strictly(monkeypatch):
+    """Flags first, then the JAX_* variables, then a cluster's; a malformed one is refused, not ignored."""
+    from vit_jax import distributed
+    from vit_jax.config import parse_args
+    from vit_jax.errors import UserError
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", *distributed.CLUSTER_MARKERS):
+        monkeypatch.delenv(name, raising=False)
+    cfg = lambda *flags: parse_args(["--preset", "test", *flags])[0]
+    assert distributed.topology(cfg()) is None  # a plain single host
+    assert distributed.topology(cfg("--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "1")) == \
+        distributed.Topology("h:1", 2, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # jax's cluster detection fills in the rest
+    assert distributed.topology(cfg()) == distributed.Topology(None, None, None)
+    with pytest.raises(UserError, match="--num_processes 2 also needs --coordinator_address and --process_id"):
+        distributed.topology(cfg("--num_processes", "2"))
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(UserError, match="JAX_NUM_PROCESSES='two' is not a number: set it to a count, or unset it"):
+        distributed.topology(cfg())
+    for address in ("localhost", "localhost:port", "localhost:99999"):
+        with pytest.raises(UserError, match=f"--coordinator_address '{address}' is not HOST:PORT"):
+            distributed.start(cfg(), distributed.Topology(address, 2, 1))

@@ -51,11 +51,18 @@ class Topology:
 def topology(cfg: TrainConfig) -> Topology | None:
     """The processes this run asks for (flags first, then JAX_* variables, then a cluster); None: one process."""
     env = os.environ
-    number = lambda name: int(env[name]) if env.get(name, "").strip().isdigit() else None
+
+    def number(name):  # a JAX_* variable set to what is not a count is a mistake, not "unset"
+        value = env.get(name, "").strip()
+        if value and not value.isdigit():
+            raise UserError(f"{name}={env[name]!r} is not a number: set it to a count, or unset it")
+        return int(value) if value else None
+
     t = Topology(cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
                  cfg.num_processes if cfg.num_processes is not None else number("JAX_NUM_PROCESSES"),
                  cfg.process_id if cfg.process_id is not None else number("JAX_PROCESS_ID"))
-    if t.num_processes == 1 or (t.num_processes is None and not any((number(m) or 1) > 1 for m in CLUSTER_MARKERS)):
+    in_cluster = any(env.get(m, "").strip().isdigit() and int(env[m]) > 1 for m in CLUSTER_MARKERS)
+    if t.num_processes == 1 or (t.num_processes is None and not in_cluster):
         return None
     if t.num_processes is not None and (t.address is None or t.process_id is None):
         missing = [name for name, v in (("--coordinator_address", t.address), ("--process_id", t.process_id)) if v is None]
@@ -68,8 +75,8 @@ def start(cfg: TrainConfig, t: Topology) -> TrainConfig:
     """jax.distributed.initialize, within bounded waits; returns cfg with the job's process count and index."""
     if t.explicit:
         host, _, port = t.address.rpartition(":")
-        if not port.isdigit():
-            raise UserError(f"--coordinator_address {t.address!r} is not HOST:PORT")
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            raise UserError(f"--coordinator_address {t.address!r} is not HOST:PORT (a port is 1 to 65535)")
         if t.process_id == 0:
             _check_port_free(int(port))
         else:
