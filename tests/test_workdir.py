@@ -63,6 +63,20 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
     assert pathlib.Path(path).read_text() == "new" and os.listdir(tmp_path) == ["f.json"]
 
 
+def test_metrics_damaged_from_outside_are_one_line_naming_the_file_and_line(tmp_path):
+    """Training rewrites metrics.jsonl whole after each epoch; a torn or edited file is refused, not a
+    traceback in the resumed run, the plot and the summary alike."""
+    rows = [{"epoch": 1, "test_acc": 10.0}, {"epoch": 2, "test_acc": 20.0}]
+    workdir.write_metrics(str(tmp_path), rows)
+    assert workdir.read_metrics(str(tmp_path)) == rows and workdir.read_metrics(str(tmp_path), upto=1) == rows[:1]
+    path = tmp_path / workdir.METRICS
+    for damage, why in (('{"epoch": 3, "lr"', "line 3: Expecting ':' delimiter"), ('{"lr": 0.1}', "line 3: no epoch"),
+                        ("[3]", "line 3: list indices must be integers")):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + damage + "\n")
+        with pytest.raises(UserError, match=f"{path} cannot be read \\({why}.*\\): restore it, or move it aside"):
+            workdir.read_metrics(str(tmp_path))
+
+
 def test_a_config_written_by_another_version_still_loads(tmp_path):
     saved = config_lib.to_dict(TrainConfig(preset="test", epochs=3), CFG)
     del saved["train"]["archive"]  # a field this version added

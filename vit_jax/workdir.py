@@ -158,8 +158,20 @@ def read_metrics(workdir: str, upto: int | None = None) -> list[dict]:
     path = os.path.join(workdir, METRICS)
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                int(row["epoch"])
+            except (ValueError, TypeError, KeyError) as e:
+                # Training rewrites the file whole after each epoch (write_metrics): the damage came from elsewhere.
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "no epoch" if isinstance(e, KeyError) else reason(e)
+                raise UserError(f"{path} cannot be read (line {number}: {why}): restore it, or move it aside to go "
+                                f"on without the rows of the epochs before") from None
+            rows.append(row)
     return [r for r in rows if upto is None or r["epoch"] <= upto]
 
 
