@@ -87,6 +87,15 @@ def test_a_config_written_by_another_version_still_loads(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="config.json cannot be read"):
         workdir.read_config(str(tmp_path))
+    # Edited by hand: checked as the command line is, not left to fail inside the model.
+    for section, field, value, why in (("model", "num_heads", 5, "embed_dim 32 is not divisible by num_heads 5"),
+                                       ("model", "embed_dim", "abc", "'<=' not supported"),
+                                       ("train", "lr", float("nan"), "lr must be a finite number, got nan")):
+        edited = json.loads(json.dumps(saved))
+        edited[section][field] = value
+        (tmp_path / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(UserError, match=f"config.json cannot be read \\({why}"):
+            workdir.read_config(str(tmp_path))
 
 
 def test_fresh_moves_every_file_of_a_run_aside(tmp_path):

@@ -126,8 +126,10 @@ def read_config(workdir: str) -> tuple[TrainConfig, ModelConfig]:
     try:
         with open(path) as f:
             saved = json.load(f)
-        return _from_dict(TrainConfig, saved["train"]), _from_dict(ModelConfig, saved["model"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        # validated as the command line is: a file edited by hand fails here, not inside the model
+        return (_from_dict(TrainConfig, saved["train"]).validate(),
+                _from_dict(ModelConfig, saved["model"]).validate())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as e:
         raise UserError(f"{path} cannot be read ({reason(e)}): is it the --workdir of a training run?") from None
 
 
