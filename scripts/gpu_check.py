@@ -56,9 +56,12 @@ class Run:
 
     def __init__(self, out: str, budget: float):
         self.out, self.deadline = out, time.time() + budget
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+            self.log = open(os.path.join(out, "steps.log"), "w")
+        except OSError as e:
+            sys.exit(f"error: cannot write to {out} ({e.strerror}): give another OUT folder")
         self.summary = {"steps": {}}
-        self.log = open(os.path.join(out, "steps.log"), "w")
 
     def step(self, name: str, cmd: list[str], limit: float, reserve: float = 0.0, shown: str | None = None) -> str:
         """Runs cmd for at most `limit` seconds (less when the budget, minus `reserve` for the steps
@@ -127,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="the same steps, tiny: minutes on a CPU")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run (default 540)")
     a = parser.parse_args(argv)
+    if not os.path.exists(a.data):  # found now, not after minutes of benchmarks on a borrowed GPU
+        parser.error(f"{a.data} does not exist: give cifar10_jpeg.npz, or cifar-10-binary.tar.gz or its folder")
     smoke, py = a.smoke, sys.executable
     run = Run(a.out, a.budget)
     started = time.time()
@@ -194,6 +199,7 @@ def main(argv=None):
     run.save()
     shutil.rmtree(scratch, ignore_errors=True)
     report(run.summary)
+    return int(any(step["status"] != 0 for step in run.summary["steps"].values()))
 
 
 def report(s: dict):
@@ -229,4 +235,4 @@ def report(s: dict):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

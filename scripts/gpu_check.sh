@@ -10,7 +10,8 @@
 # bfloat16 (images/s, ms/step, MFU); times parity.bench (JAX vs PyTorch eager, torch.compile for seed);
 # trains the tutorial's recipe, 20 epochs at batch 64 on the real data; runs parity.compare on the GPU
 # at the highest matmul precision; and writes every figure to OUT/summary.json, the outputs to
-# OUT/steps.log and OUT/train.log, the epochs to OUT/metrics.jsonl.
+# OUT/steps.log and OUT/train.log, the epochs to OUT/metrics.jsonl. Exit status 0 when every step
+# succeeded, 1 when one failed (the others still ran: OUT/summary.json says which).
 #
 # --smoke runs the same steps tiny (the test preset, a few batches), on whatever device there is:
 # the test suite runs it on the CPU. Needs nothing beyond the project's own dependencies; dm-pix and

@@ -25,3 +25,16 @@ def test_smoke_mode_runs_every_step_and_writes_every_figure(tmp_path, cifar_arch
     for name in ("steps.log", "train.log", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert "== vit_jax.bench" in run.stdout and "== train: 2 epochs" in run.stdout
+
+
+def test_data_that_is_not_there_and_an_out_that_cannot_be_written_stop_it_at_once(tmp_path, cifar_archive):
+    """Before any step: on a borrowed GPU, a mistyped path must not cost the benchmarks' minutes first."""
+    (tmp_path / "file").write_text("")
+    for data, out, status, message in (
+            (str(tmp_path / "missing.npz"), str(tmp_path / "out"), 2, "missing.npz does not exist: give cifar10_jpeg.npz"),
+            (cifar_archive, str(tmp_path / "file" / "out"), 1, f"error: cannot write to {tmp_path / 'file' / 'out'} "
+                                                              f"(Not a directory): give another OUT folder")):
+        run = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke", data, out], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+        assert run.returncode == status and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert run.stdout == ""  # no step ran
