@@ -9,3 +9,11 @@
 
 `parity` imports `vit_jax`; `vit_jax` never imports `parity` or torch, anywhere.
 """
+
+import importlib.util
+import sys
+
+if importlib.util.find_spec("torch") is None:  # every `python -m parity.X` passes here first
+    print("error: parity needs PyTorch, which is not installed here: pip install -e '.[parity]' (training and "
+          "the vit_jax commands need neither)", file=sys.stderr)
+    sys.exit(2)

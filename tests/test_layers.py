@@ -85,24 +85,30 @@ def test_no_import_circles_and_vit_jax_never_imports_parity_or_torch():
 BLOCKED = ("torch", "parity", "tensorflow", "tensorflow_datasets")
 
 
-def test_training_runs_where_neither_torch_nor_tensorflow_can_be_imported(tmp_path, cifar_archive):
-    """A short epoch of the test preset from an archive (--archive), in a process whose import of
-    torch, parity, tensorflow or tensorflow_datasets fails: a GPU box with JAX alone."""
-    code = f"""
+def _not_installed(blocked) -> str:
+    """Python code that makes this process's imports of `blocked` fail, as on a machine that lacks them."""
+    return f"""
 import sys
 
 class NotInstalled:
-    # Wraps each finder: the blocked packages are not found, as on a machine that lacks them.
+    # Wraps each finder: the blocked packages are not found.
     def __init__(self, finder):
         self.finder = finder
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
+        if name.split(".")[0] in {tuple(blocked)!r}:
             return None
         return self.finder.find_spec(name, path, target)
     def __getattr__(self, name):
         return getattr(self.finder, name)
 
 sys.meta_path[:] = [NotInstalled(f) for f in sys.meta_path]
+"""
+
+
+def test_training_runs_where_neither_torch_nor_tensorflow_can_be_imported(tmp_path, cifar_archive):
+    """A short epoch of the test preset from an archive (--archive), in a process whose import of
+    torch, parity, tensorflow or tensorflow_datasets fails: a GPU box with JAX alone."""
+    code = _not_installed(BLOCKED) + f"""
 try:
     import torch
     raise SystemExit("torch was found")
@@ -116,3 +122,15 @@ assert not [m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}]
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "Epoch 1: Train Loss" in run.stdout and os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_parity_without_pytorch_says_what_to_install_in_one_line():
+    code = _not_installed(["torch"]) + """
+import runpy
+sys.argv = ["parity.compare"]
+runpy.run_module("parity.compare", run_name="__main__", alter_sys=True)
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert run.stderr == "error: parity needs PyTorch, which is not installed here: pip install -e '.[parity]' " \
+                         "(training and the vit_jax commands need neither)\n", run.stderr
