@@ -83,11 +83,10 @@ def make(folder: str, flag: str = "--workdir"):
         raise UserError(f"cannot write to {folder!r} ({why}): choose another {flag}") from None
 
 
-def check_output(path: str, flag: str = "--out") -> str:
+def check_output(path: str, flag: str = "--out"):
     """A command's output file: creates its folder and checks that it can be written, before the work
-    that the file is for; returns `path`."""
+    that the file is for."""
     make(os.path.dirname(os.path.abspath(path)), flag)
-    return path
 
 
 @contextlib.contextmanager
