@@ -20,6 +20,7 @@ def test_epoch_cosine_is_pytorchs_cosine_annealing_stepped_per_epoch():
         expected = 3e-4 * (1 + math.cos(math.pi * epoch / 20)) / 2  # CosineAnnealingLR, eta_min 0
         for s in (epoch * 782, epoch * 782 + 781):  # constant within the epoch
             assert float(schedule(s)) == pytest.approx(expected, rel=1e-5)
+            assert step.learning_rate(schedule, s) == pytest.approx(expected, rel=1e-5)  # what the logs record
     assert float(schedule(0)) == pytest.approx(3e-4)  # epoch 1 runs at the full rate
 
 
@@ -31,6 +32,7 @@ def test_per_step_cosine_with_warmup():
     assert float(schedule(100)) == pytest.approx(1e-3)
     assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-9)
     assert float(schedule(101)) < 1e-3
+    assert [step.learning_rate(schedule, s) for s in (0, 50, 100)] == pytest.approx([0.0, 5e-4, 1e-3])
 
 
 def test_the_update_is_optaxs_adamw_with_its_schedule_inside():

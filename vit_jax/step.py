@@ -68,6 +68,15 @@ class Schedule:
         return jnp.where(count < warm, rising, cosine(count - warm, self.epochs * self.steps_per_epoch - warm))
 
 
+def learning_rate(schedule: Schedule, count: int) -> float:
+    """The schedule's rate at update `count`, computed as the compiled step computes it: for the logs
+    and the metrics' record (one compiled program, not a compilation per operation)."""
+    return float(_rate(schedule, count))
+
+
+_rate = jax.jit(Schedule.__call__)
+
+
 def decay_mask(params):
     """True for weight matrices; False for biases, norms, class token and position embedding."""
     return jax.tree_util.tree_map_with_path(
@@ -101,8 +110,16 @@ def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, params=None) ->
     """A fresh state: random parameters from cfg.seed unless `params` are given."""
     if params is None:
         params = init_params(model_cfg, jax.random.key(cfg.seed))
-    return TrainState.create(apply_fn=_apply_fn(model_cfg), params=params, tx=make_optimizer(cfg),
-                             ema_params=jax.tree.map(jnp.copy, params) if cfg.ema_decay else None)
+    return _new_state(model_cfg, (cfg.weight_decay, cfg.decay_all, cfg.grad_clip), bool(cfg.ema_decay), params)
+
+
+# Jitted: the optimizer's zeros and the average's copy in one compiled program, instead of one small
+# compilation per parameter shape (seconds at the start of a GPU run; a compilation-cache look-up each
+# on the CPU).
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _new_state(model_cfg: ModelConfig, optimizer: tuple, ema: bool, params) -> TrainState:
+    return TrainState.create(apply_fn=_apply_fn(model_cfg), params=params, tx=_optimizer(*optimizer),
+                             ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 @functools.cache  # as the optimizer: the same function for every state of a model, so they compile as one
@@ -157,9 +174,9 @@ infer_jit = jax.jit(infer, static_argnames=("model_cfg", "attention", "stages", 
 
 def zero_metrics() -> dict:
     """Running sums over examples (means are taken on the host, only when printed), and the first
-    step whose loss was not finite (-1: none yet)."""
-    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    step whose loss was not finite (-1: none yet). Host arrays: `DataParallel.replicate` places them."""
+    return {"loss": np.zeros((), np.float32), "correct": np.zeros((), np.float32),
+            "count": np.zeros((), np.float32), "nonfinite_step": np.full((), -1, np.int32)}
 
 
 def means(metrics) -> tuple[float, float]:

@@ -242,7 +242,7 @@ class _Run:
     def _epoch(self):
         """One epoch (or what is left of it after a resume): train, evaluate, record, save."""
         epoch = self.meta["epochs_done"]
-        lr = float(self.schedule(epoch * self.steps_per_epoch))
+        lr = step.learning_rate(self.schedule, epoch * self.steps_per_epoch)
         print(f"\nEpoch {epoch + 1}/{self.cfg.epochs} | lr {lr:.2e}")
         t0 = time.time() - self.meta["seconds_in_epoch"]
         self._train_epoch(epoch, t0)
@@ -300,8 +300,8 @@ class _Run:
         """The running loss and accuracy of the epoch so far: printed, and to TensorBoard."""
         _check_finite(self.metrics, self.cfg, self.steps_per_epoch)
         loss, acc = step.means(self.metrics)
-        self.tb.scalars({"loss": loss, "acc": acc, "lr": float(self.schedule(global_batch))}, global_batch + 1,
-                        prefix="train/")
+        lr = step.learning_rate(self.schedule, global_batch)
+        self.tb.scalars({"loss": loss, "acc": acc, "lr": lr}, global_batch + 1, prefix="train/")
         bar.write(f"Batch [{global_batch % self.steps_per_epoch + 1}/{self.steps_per_epoch}] "
                   f"Loss: {loss:.4f} | Acc: {acc:.2f}%")
 
