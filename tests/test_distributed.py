@@ -153,23 +153,31 @@ def test_a_coordinator_that_cannot_be_reached_is_one_line_after_a_bounded_wait(a
 
 def test_what_a_process_is_asked_to_join_is_read_strictly(monkeypatch):
     """Flags first, then the JAX_* variables, then a cluster's; a malformed one is refused, not ignored."""
-    from vit_jax import distributed
+    from vit_jax import distributed, processes
     from vit_jax.config import parse_args
     from vit_jax.errors import UserError
 
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", *distributed.CLUSTER_MARKERS):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", *processes.CLUSTER_MARKERS):
         monkeypatch.delenv(name, raising=False)
     cfg = lambda *flags: parse_args(["--preset", "test", *flags])[0]
-    assert distributed.topology(cfg()) is None  # a plain single host
-    assert distributed.topology(cfg("--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "1")) == \
-        distributed.Topology("h:1", 2, 1)
+    assert processes.topology(cfg()) is None  # a plain single host
+    assert processes.topology(cfg("--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "1")) == \
+        processes.Topology("h:1", 2, 1)
     monkeypatch.setenv("SLURM_NTASKS", "4")  # jax's cluster detection fills in the rest
-    assert distributed.topology(cfg()) == distributed.Topology(None, None, None)
+    assert processes.topology(cfg()) == processes.Topology(None, None, None)
     with pytest.raises(UserError, match="--num_processes 2 also needs --coordinator_address and --process_id"):
-        distributed.topology(cfg("--num_processes", "2"))
+        processes.topology(cfg("--num_processes", "2"))
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(UserError, match="JAX_NUM_PROCESSES='two' is not a number: set it to a count, or unset it"):
-        distributed.topology(cfg())
+        processes.topology(cfg())
     for address in ("localhost", "localhost:port", "localhost:99999"):
         with pytest.raises(UserError, match=f"--coordinator_address '{address}' is not HOST:PORT"):
-            distributed.start(cfg(), distributed.Topology(address, 2, 1))
+            distributed.start(cfg(), processes.Topology(address, 2, 1))
+
+
+def test_the_process_that_was_started_supervises_without_importing_jax():
+    """With many processes, the process a person starts only supervises its training child: it checks
+    the flags and waits, and does not spend a second and a few hundred MB on importing JAX."""
+    code = "import sys, vit_jax.processes; print(sorted(m for m in ('jax', 'flax', 'orbax', 'torch') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr

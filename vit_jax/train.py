@@ -32,13 +32,17 @@ def _stopped_between_steps(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _stopped_between_steps)
+    # Before the imports below: the flags are checked at once, and with many processes the process that
+    # was started only supervises the one that trains, and needs none of them (processes.py).
+    from vit_jax import processes
+    processes.supervise_unless_child(sys.argv[1:])
 
 # The other imports come after the handler (flake8 would say E402): jax's alone takes a second.
 import jax
 from tqdm import tqdm
 
 from vit_jax import budget, config as config_lib
-from vit_jax import data, distributed, step, summary, tensorboard_log, weights, workdir
+from vit_jax import data, distributed, processes, step, summary, tensorboard_log, weights, workdir
 from vit_jax.config import ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel, describe_devices
 from vit_jax.errors import UserError, cli
@@ -364,10 +368,8 @@ class _Run:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, model_cfg = config_lib.parse_args(argv)
-    topology = distributed.topology(cfg)
-    if topology is not None:
-        if not os.environ.get(distributed.CHILD):
-            sys.exit(distributed.supervise(argv, topology.process_id))
+    topology = processes.topology(cfg)
+    if topology is not None:  # this process trains; started as a command, under its supervisor
         cfg = distributed.start(cfg, topology)
         distributed.agree(cfg, model_cfg)
     train_and_evaluate(cfg, model_cfg)
