@@ -17,3 +17,5 @@ if importlib.util.find_spec("torch") is None:  # every `python -m parity.X` pass
     print("error: parity needs PyTorch, which is not installed here: pip install -e '.[parity]' (training and "
           "the vit_jax commands need neither)", file=sys.stderr)
     sys.exit(2)
+
+import vit_jax  # noqa: E402, F401  (a command's Ctrl+C while jax and torch import: vit_jax/__init__.py)

@@ -5,8 +5,10 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -182,3 +184,26 @@ def test_ctrl_c_in_a_command_is_one_word_and_status_130(capsys):
     with pytest.raises(SystemExit) as e:
         command()
     assert e.value.code == 130 and capsys.readouterr().err == "\nInterrupted.\n"
+
+
+def test_ctrl_c_while_a_command_imports_jax_is_one_word_and_status_130(tmp_path):
+    """Before main(), while jaxlib loads: Python's KeyboardInterrupt crashed the process there (SIGSEGV),
+    or was swallowed by jax, and the command ran to its end as if Ctrl+C had not been pressed."""
+    proc = subprocess.Popen([sys.executable, "-m", "vit_jax.evaluate", "--workdir", str(tmp_path / "none")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = pathlib.Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "jaxlib" not in maps.read_text():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", "\nInterrupted.\n")
+
+
+def test_only_this_projects_commands_take_ctrl_c_over_while_they_start():
+    python = sys.executable
+    for argv in ([python, "-m", "vit_jax.evaluate", "--workdir", "x"], [python, "-u", "-X", "importtime", "-m",
+                                                                        "parity.compare"]):
+        assert errors.started_as_command(argv), argv
+    for argv in ([python, "-m", "pytest", "-m", "vit_jax.x"], [python, "script.py", "-m", "vit_jax.train"],
+                 [python, "-c", "import vit_jax", "-m", "vit_jax.train"], [python, "-m", "vit_jaxx.train"], [python]):
+        assert not errors.started_as_command(argv), argv

@@ -15,16 +15,14 @@ import signal
 import sys
 import time
 
-EXIT_INTERRUPTED = 130
+from vit_jax.errors import EXIT_INTERRUPTED
 
 
 def _stopped_between_steps(signum, frame):
     """Ctrl+C outside the run's own handler (`_StopFlag`): before it, while the imports below take
     their second or two and the workdir is opened, nothing has begun that a rerun would not redo, so
-    the process ends at once, as a kill would. Python's KeyboardInterrupt crashed the process while
-    jaxlib's library loaded (SIGSEGV), showed a traceback through jax's internals a little later, or
-    landed in one of jax's garbage-collection callbacks, which swallow it (jax issue 18246): the run
-    then went on as if Ctrl+C had not been pressed."""
+    the process ends at once, as a kill would (why not with Python's KeyboardInterrupt:
+    `errors.quit_on_ctrl_c_while_starting`, which the other commands use until their main() begins)."""
     print("\nStopped; no training step was running, so nothing needed saving. Run the same command again "
           "to go on.", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED)
