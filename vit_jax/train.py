@@ -364,7 +364,6 @@ class _Run:
 
 @cli
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
     cfg, model_cfg = config_lib.parse_args(argv)
     topology = processes.topology(cfg)
     if topology is not None:  # this process trains; started as a command, under its supervisor
