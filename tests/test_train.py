@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import write_cifar_archive
 from vit_jax import config as config_lib, evaluate, train
 from vit_jax.errors import UserError
 
@@ -179,7 +180,7 @@ def test_a_second_ctrl_c_quits_at_once_in_one_line_and_loses_nothing(tmp_path, c
             proc.send_signal(signal.SIGINT)
             break
     for line in proc.stderr:
-        if line.startswith("Stopping after this step"):  # the first was handled: a second is a second
+        if line.startswith("Stopping after the steps under way"):  # the first was handled: a second is a second
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
@@ -204,6 +205,55 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_ends_it(tmp_path, cifar
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == train.EXIT_INTERRUPTED and out == "", (out, err)
-    assert err.strip() == "Stopped; no training step was running, so nothing needed saving. Run the same command " \
-                          "again to go on.", err
+    assert err == "\nInterrupted.\n", err
     assert not workdir.exists()
+
+
+def test_a_stop_is_acted_on_within_a_few_steps_not_after_the_queue_drains(tmp_path):
+    """Steps of the cifar model (about a second here) that are not logged: nothing else makes the loop
+    wait for the device, so without a bound it dispatches steps far ahead of it, and a stop would wait
+    for all of them."""
+    workdir = str(tmp_path / "run")
+    archive = write_cifar_archive(str(tmp_path), 640, 32, seed=2)["archive"]  # 3,200 training images
+    cmd = [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "cifar", "--epochs", "1", "--batch_size", "32",
+           "--log_every", "1000", "--archive", archive, "--workdir", workdir]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the CPU warning, after the run's fourth step, with the time of one
+        if line.startswith("warning: no accelerator found"):
+            step_s = float(line.split("at ~")[1].split(" s/batch")[0])
+            break
+    time.sleep(3 * step_s)  # the loop is well into its steps
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    took = time.time() - sent
+    assert proc.returncode == train.EXIT_INTERRUPTED, err
+    # About 7 steps were done when the signal came (the warning's 4, then 3 steps' sleep); then the
+    # steps under way (train.IN_FLIGHT) and the save. An unbounded queue ran 30 more here.
+    batch = int(out.split("Saved at epoch 1, batch ")[1].split("/")[0])
+    assert batch <= 7 + train.IN_FLIGHT + 4, out
+    assert took < (train.IN_FLIGHT + 3) * step_s + 8, (took, step_s)
+
+
+def test_a_workdir_with_checkpoints_but_no_config_is_refused_not_overwritten(tmp_path, cifar_archive):
+    workdir = str(tmp_path / "run")
+    args = ["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
+            cifar_archive, "--workdir", workdir]
+    train.main(args)
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(UserError, match="holds checkpoints but no config.json.*--fresh"):
+        train.train_and_evaluate(*config_lib.parse_args(args + ["--lr", "1e-3"]))
+    assert not os.path.exists(os.path.join(workdir, "config.json"))  # nothing rewritten
+
+
+def test_a_finished_run_whose_metrics_were_moved_aside_says_one_thing(tmp_path, cifar_archive, capsys):
+    workdir = str(tmp_path / "run")
+    args = ["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
+            cifar_archive, "--workdir", workdir]
+    train.main(args)
+    os.rename(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.torn"))
+    capsys.readouterr()
+    train.main(args)
+    out, err = capsys.readouterr()
+    assert "Done: best test accuracy" in out and "error" not in err
+    assert "No summary: " in out and "holds none of the run's 1 epochs" in out

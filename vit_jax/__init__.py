@@ -5,4 +5,4 @@ import sys
 from vit_jax import errors
 
 if errors.started_as_command(sys.orig_argv):  # before the command's module imports jax
-    errors.quit_on_ctrl_c_while_starting()
+    errors.handle_signals()

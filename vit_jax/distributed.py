@@ -97,16 +97,16 @@ def agree(cfg: TrainConfig, model_cfg: ModelConfig):
                         f"{'; ...' if len(diff) > 6 else ''}): start every process with the same flags")
 
 
-def same_everywhere(cfg: TrainConfig) -> TrainConfig:
-    """Process 0's cfg in every process (for what each one measured for itself, like --time_budget's plan)."""
+def same_everywhere(value):
+    """Process 0's `value` (a small JSON value) in every process: for what each one measured for itself,
+    like the length a --time_budget revision chose."""
     if jax.process_count() == 1:
-        return cfg
+        return value
     import numpy as np
     from jax.experimental import multihost_utils
 
-    encoded = np.frombuffer(json.dumps(dataclasses.asdict(cfg)).encode().ljust(4096), np.uint8)
-    chosen = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).decode().strip()
-    return TrainConfig(**json.loads(chosen))
+    encoded = np.frombuffer(json.dumps(value).encode().ljust(4096), np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).decode().strip())
 
 
 def is_primary() -> bool:

@@ -1,5 +1,6 @@
-"""Errors the user can fix, the command-line wrapper that prints them as one line, and Ctrl+C in a command."""
+"""Errors the user can fix, the command-line wrapper that prints them as one line, and Ctrl+C and SIGTERM."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -37,28 +38,69 @@ def started_as_command(argv: list[str]) -> bool:
     return False
 
 
-def quit_on_ctrl_c_while_starting():
-    """Until a command's main() begins (`cli` then hands Ctrl+C back to Python), Ctrl+C ends the process
-    at once. Python's KeyboardInterrupt, raised while jax imports, crashes the process as jaxlib's
-    library loads (SIGSEGV), shows a traceback through jax's internals, or lands in one of jax's
-    garbage-collection callbacks, which swallow it (jax issue 18246): the command then runs to its end
-    as if Ctrl+C had not been pressed. Installed by vit_jax/__init__.py, before any import of jax."""
-    signal.signal(signal.SIGINT, _quit_while_starting)
+# Ctrl+C and SIGTERM: one handler for both, in every command. Inside a training run's loop
+# (`stoppable`), the first signal asks the loop to stop: it saves and exits with status 130. Anywhere
+# else (while a command starts, in a command with nothing to save, at a second signal) the process
+# ends at once with one line and status 130; nothing is lost that a kill would not lose, since every
+# file and checkpoint appears whole or not at all. Python's KeyboardInterrupt is never raised in a
+# command: raised while jax imports, it crashes the process as jaxlib loads, shows a traceback from
+# jax's internals, or is swallowed by one of jax's garbage-collection callbacks (jax issue 18246).
 
 
-def _quit_while_starting(signum, frame):
-    print("\nInterrupted.", file=sys.stderr, flush=True)
+class _Stop:
+    """Whether a training loop is running that can stop cleanly, and whether it was asked to."""
+
+    active = False
+    requested = False
+
+    def __bool__(self):
+        return self.requested
+
+
+_stop = _Stop()
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_signal(signum, frame):
+    if _stop.active and not _stop.requested:
+        _stop.requested = True
+        print("\nStopping after the steps under way; saving a checkpoint (a second Ctrl+C quits at once without "
+              "saving)...", file=sys.stderr, flush=True)
+        return
+    message = ("Second signal: quitting without saving; the previous checkpoint stays the latest. Run the same "
+               "command again to resume from it." if _stop.requested else "Interrupted.")
+    print(f"\n{message}", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED)
 
 
+def handle_signals():
+    """Installs the one handler; vit_jax/__init__.py does so in a command before anything imports jax."""
+    for s in SIGNALS:
+        signal.signal(s, _on_signal)
+
+
+@contextlib.contextmanager
+def stoppable():
+    """The training loop's span: the first Ctrl+C or SIGTERM in it sets the flag it yields (true once
+    asked to stop) instead of ending the process. Also for runs started from Python, not as a command:
+    the handlers in place before are put back after."""
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    handle_signals()
+    _stop.active, _stop.requested = True, False
+    try:
+        yield _stop
+    finally:
+        _stop.active = False
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def cli(main):
-    """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2, Ctrl+C one
-    word and status 130, output that nobody reads any more (`| head`) one line and status 1."""
+    """Wraps a command's main(): a UserError becomes one line on stderr and exit status 2, output that
+    nobody reads any more (`| head`) one line and status 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        if signal.getsignal(signal.SIGINT) is _quit_while_starting:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, KeyboardInterrupt (below)
         try:
             result = main(*args, **kwargs)
             sys.stdout.flush()  # a closed pipe shows here, not in Python's own message at exit
@@ -66,9 +108,6 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:  # Ctrl+C in a command that has nothing to save (training has its own)
-            print("\nInterrupted.", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
             # Python would print a traceback, then fail a second time flushing stdout at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

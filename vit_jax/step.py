@@ -41,20 +41,25 @@ class Schedule:
     constant within an epoch, lr at epoch 1, lr * (1 + cos(pi * e / epochs)) / 2 at epoch e + 1.
     cosine decays every step, after a linear warm-up of warmup_steps (0: none).
     The numbers are arguments of the compiled step, not constants in it: runs that differ only in
-    them (their length, their peak, a --time_budget plan and the run it chooses) share one program.
+    them (their length, their peak, a --time_budget's revisions of its length) share one program.
     """
 
     lr: Any
-    epochs: Any
+    total_steps: Any  # the run's length in updates; the last epoch may be partial (--time_budget)
     steps_per_epoch: Any
     warmup_steps: Any
     per_epoch: bool = flax.struct.field(pytree_node=False, default=True)
 
     @classmethod
-    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "Schedule":
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> "Schedule":
+        """The run's schedule over `total_steps` updates (default: cfg.epochs whole epochs)."""
+        total = cfg.epochs * steps_per_epoch if total_steps is None else total_steps
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        if total < cfg.epochs * steps_per_epoch:  # a --time_budget shortened the run: warm up for half at most
+            warmup = min(warmup, total // 2)
         # numpy scalars, not Python numbers: every process must replicate the same typed values
-        return cls(np.float32(cfg.lr), np.int32(cfg.epochs), np.int32(steps_per_epoch),
-                   np.int32(cfg.warmup_epochs * steps_per_epoch), per_epoch=cfg.schedule == "epoch_cosine")
+        return cls(np.float32(cfg.lr), np.int32(total), np.int32(steps_per_epoch), np.int32(warmup),
+                   per_epoch=cfg.schedule == "epoch_cosine")
 
     def __call__(self, count):
         # Op for op what optax's cosine_decay_schedule and warmup_cosine_decay_schedule compute.
@@ -62,10 +67,11 @@ class Schedule:
             return self.lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(done, total) / total)))
 
         if self.per_epoch:
-            return cosine(count // self.steps_per_epoch, self.epochs)
+            epochs = (self.total_steps + self.steps_per_epoch - 1) // self.steps_per_epoch
+            return cosine(count // self.steps_per_epoch, epochs)
         warm = self.warmup_steps
         rising = -self.lr * (1 - count / jnp.maximum(warm, 1)) + self.lr  # linear from 0
-        return jnp.where(count < warm, rising, cosine(count - warm, self.epochs * self.steps_per_epoch - warm))
+        return jnp.where(count < warm, rising, cosine(count - warm, self.total_steps - warm))
 
 
 def learning_rate(schedule: Schedule, count: int) -> float:
@@ -310,13 +316,15 @@ def eval_step(params, metrics: dict, images, labels, mask, model_cfg: ModelConfi
 @functools.cache
 def _jitted_train_step(parallel: DataParallel, settings: Settings):
     r = parallel.replicated
-    return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0, 1), out_shardings=(r, r))
+    # The state is donated (updated in place); the running sums are not, so that the loop can wait on
+    # the sums of an earlier step while later ones run (`train.py`: how many steps are in flight).
+    return jax.jit(functools.partial(train_step, settings=settings), donate_argnums=(0,), out_shardings=(r, r))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainFn:
     """train_step compiled for a mesh, with the run's schedule: fn(state, metrics, images, labels, mask, key)
-    -> (state, metrics), the state and running metrics donated. `lower` compiles ahead (the benchmark)."""
+    -> (state, metrics), the state donated. `lower` compiles ahead (the benchmark)."""
 
     jitted: Any
     schedule: Schedule  # on the devices

@@ -132,8 +132,13 @@ def read_config(workdir: str) -> tuple[TrainConfig, ModelConfig]:
         raise UserError(f"{path} cannot be read ({reason(e)}): is it the --workdir of a training run?") from None
 
 
+def has_checkpoints(workdir: str) -> bool:
+    latest = os.path.join(workdir, LATEST)
+    return os.path.isdir(latest) and any(name.isdigit() for name in os.listdir(latest))
+
+
 def has_run(workdir: str) -> bool:
-    """Whether a run has saved a checkpoint here (to resume)."""
+    """Whether a run has saved a checkpoint here (to resume), with the config it was trained with."""
     return os.path.exists(os.path.join(workdir, CONFIG)) and os.path.isdir(os.path.join(workdir, LATEST))
 
 
