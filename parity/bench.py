@@ -1,4 +1,4 @@
-"""`python -m parity.bench --preset P --batch_size B`: the JAX train step beside the PyTorch twin's.
+"""`python -m parity.bench --recipe P --batch_size B`: the JAX train step beside the PyTorch twin's.
 
 All three run in one process, one after the other, on the same device and the same batch shape: the
 jitted JAX step (`vit_jax.bench`), the twin's step in eager PyTorch, and the same under
@@ -29,7 +29,7 @@ from parity.model import VisionTransformer
 from vit_jax import augment
 from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.errors import UserError, cli, reason
 from vit_jax.workdir import atomic_open, check_output
 
@@ -53,10 +53,10 @@ def torch_augment(images: torch.Tensor, img_size: int) -> torch.Tensor:
     return (x - MEAN.to(device)) / STD.to(device)  # (B, 3, S, S)
 
 
-def time_torch(preset: str, batch_size: int, steps: int, warmup: int, compile: bool, device: str) -> dict:
+def time_torch(recipe: str, batch_size: int, steps: int, warmup: int, compile: bool, device: str) -> dict:
     """ms per step and images/s of the twin's train step; the first step's time includes compiling."""
-    model_cfg = PRESETS[preset]
-    cfg = TrainConfig(preset=preset, batch_size=batch_size).validate()
+    model_cfg = MODELS[recipe]
+    cfg = TrainConfig(recipe=recipe, batch_size=batch_size).validate()
     model = VisionTransformer.from_config(model_cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
@@ -110,28 +110,28 @@ def matmul_gflops(jax_rows: int, torch_rows: int, fan_in: int, fan_out: int, dev
             "torch_gflops": rate(lambda: xt @ wt, torch_rows, lambda _: torch_wait())}
 
 
-def bench(preset: str, batch_size: int, steps: int, warmup: int, compile: bool = True) -> dict:
+def bench(recipe: str, batch_size: int, steps: int, warmup: int, compile: bool = True) -> dict:
     """{'jax', 'torch_eager', 'torch_compile'}: each a dict of timings, or a string saying why not."""
     # PyTorch goes where JAX is: the GPU when both have one, else the CPU.
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    out = {"preset": preset, "batch_size": batch_size, "jax_device": jax.devices()[0].device_kind,
+    out = {"recipe": recipe, "batch_size": batch_size, "jax_device": jax.devices()[0].device_kind,
            "torch_device": device, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
            "torch_version": torch.__version__}
-    out["jax"] = jax_bench.run(preset, batch_size, "float32", steps, warmup, None)
-    out["torch_eager"] = time_torch(preset, batch_size, steps, warmup, False, device)
+    out["jax"] = jax_bench.run(recipe, batch_size, "float32", steps, warmup, None)
+    out["torch_eager"] = time_torch(recipe, batch_size, steps, warmup, False, device)
     if not compile:
         out["torch_compile"] = "n/a: --no-compile"
     else:
         try:
-            out["torch_compile"] = time_torch(preset, batch_size, steps, warmup, True, device)
+            out["torch_compile"] = time_torch(recipe, batch_size, steps, warmup, True, device)
         except Exception as e:  # inductor fails in many ways (no compiler, unsupported op); all mean n/a
             out["torch_compile"] = f"n/a: {type(e).__name__}: {reason(e)}"
     eager = out["torch_eager"]["ms_per_step"]
     out["jax_over_eager"] = out["jax"]["ms_per_step"] / eager
     if not isinstance(out["torch_compile"], str):
         out["torch_compile"]["over_eager"] = out["torch_compile"]["ms_per_step"] / eager
-    m = PRESETS[preset]
+    m = MODELS[recipe]
     flops = jax_bench.train_flops(m, batch_size)
     out["gflop_per_step"] = flops / 1e9
     for side in ("jax", "torch_eager", "torch_compile"):
@@ -155,7 +155,7 @@ def cpu_name() -> str:
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--preset", choices=list(PRESETS), default="seed")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
@@ -172,8 +172,8 @@ def main(argv=None):
         check_output(a.json, "--json")  # before minutes of timing, not after
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
-    r = bench(a.preset, a.batch_size, a.steps, a.warmup, a.compile)
-    print(f"{a.preset} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on {r['jax_device']}, "
+    r = bench(a.recipe, a.batch_size, a.steps, a.warmup, a.compile)
+    print(f"{a.recipe} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on {r['jax_device']}, "
           f"PyTorch on {r['torch_device']} ({r['torch_threads']} threads) | {a.steps} timed steps | {r['cpu']}")
     print("each step: uint8 batch -> resize, flip, crop, normalize -> forward, backward, AdamW")
     print(f"  {'':<24} {'ms/step':>9}  {'images/s':>9}  {'GFLOP/s':>8}  time / PyTorch eager time")

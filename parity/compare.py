@@ -1,10 +1,10 @@
 """`python -m parity.compare`: proof that the Flax ViT and its PyTorch twin compute the same thing.
 
-    python -m parity.compare [--workdir DIR | --checkpoint PATH] [--preset P] [--data_dir DIR | --archive PATH]
+    python -m parity.compare [--workdir DIR | --checkpoint PATH] [--recipe P] [--data_dir DIR | --archive PATH]
                              [--num_images N] [--json PATH] [--train_steps N]
 
 The JAX model comes from a workdir's best checkpoint, a PyTorch checkpoint (.pth, which the twin
-loads as it is and the JAX side through the port), or else a fresh random init of --preset. Both
+loads as it is and the JAX side through the port), or else a fresh random init of --recipe. Both
 models see the same CIFAR-10 test images after the same preprocessing, in float32 on the CPU (or with
 --device gpu on the GPU, at the highest matmul precision: no TF32 on either side); the
 table shows how far apart their logits and every named stage are. Exit status 0 when the logits agree
@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from parity.model import VisionTransformer as TorchViT
 from parity.port import flax_to_torch, read_torch_checkpoint, torch_to_flax
 from vit_jax import augment, data, step
-from vit_jax.config import PRESETS, ModelConfig, TrainConfig
+from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig, recipe_of
 from vit_jax.errors import UserError, cli
 from vit_jax.model import VisionTransformer as FlaxViT, init_params
 from vit_jax.workdir import atomic_open, check_output, load_best
 
-# Max |logits difference| allowed, by preset. float32 sums in another order differ by ~1e-7 relative
+# Max |logits difference| allowed, by recipe. float32 sums in another order differ by ~1e-7 relative
 # per operation; the 224-pixel seed model has 12x the tokens and 12x the width of `test` to sum over.
-TOLERANCE = {"test": 1e-5, "seed": 1e-4}
+TOLERANCE = {"test": 1e-5, "tutorial": 1e-4}
 DEFAULT_TOLERANCE = 1e-4
 # Training: how far the two sides' parameters part after --train_steps, relative to how far training
 # moved them (|theta_jax - theta_torch| / |theta_jax - theta_0|, over all parameters but the key biases).
@@ -51,11 +51,6 @@ LR_TOLERANCE = 1e-6  # |difference of the two schedules' rates| / peak rate (flo
 PERTURBATION = 1e-3
 
 
-def preset_of(config: ModelConfig) -> str | None:
-    """The name of the preset with this architecture, if any."""
-    return next((name for name, c in PRESETS.items() if c == config), None)
-
-
 def restore(a) -> tuple[ModelConfig, dict, dict | None, str, TrainConfig]:
     """(model config, Flax params, the file's state_dict or None, where they came from, run config)."""
     if a.workdir and a.checkpoint:
@@ -64,22 +59,22 @@ def restore(a) -> tuple[ModelConfig, dict, dict | None, str, TrainConfig]:
         run = load_best(a.workdir)
         return (run.model_cfg, jax.device_get(run.params), None,
                 f"best checkpoint of {a.workdir} (epoch {run.meta['epoch']})", run.cfg)
-    cfg = TrainConfig(preset=a.preset)
+    cfg = TrainConfig(recipe=a.recipe)
     if a.checkpoint:
         state_dict, rest = read_torch_checkpoint(a.checkpoint)
         saved = rest.get("config")  # parity.export writes it; the tutorial's checkpoints lack it
-        model_cfg = ModelConfig(**saved).validate() if isinstance(saved, dict) else PRESETS[a.preset]
+        model_cfg = ModelConfig(**saved).validate() if isinstance(saved, dict) else MODELS[a.recipe]
         try:
             params = torch_to_flax(state_dict, model_cfg)
         except UserError as e:
             fix = ("its weights do not match the config saved with it" if isinstance(saved, dict) else
-                   "pass the --preset it was trained with")
-            raise UserError(f"{a.checkpoint} does not fit preset {preset_of(model_cfg) or 'custom'}: {e}; "
+                   "pass the --recipe it was trained with")
+            raise UserError(f"{a.checkpoint} does not fit recipe {recipe_of(model_cfg) or 'custom'}: {e}; "
                             f"{fix}") from None
         return model_cfg, params, state_dict, f"PyTorch checkpoint {a.checkpoint}", cfg
-    model_cfg = PRESETS[a.preset]
+    model_cfg = MODELS[a.recipe]
     params = jax.device_get(init_params(model_cfg, jax.random.key(a.seed)))
-    return model_cfg, params, None, f"random init of preset {a.preset!r} (seed {a.seed}; no checkpoint given)", cfg
+    return model_cfg, params, None, f"random init of recipe {a.recipe!r} (seed {a.seed}; no checkpoint given)", cfg
 
 
 def torch_twin(model_cfg: ModelConfig, params, state_dict=None) -> TorchViT:
@@ -290,14 +285,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--workdir", default=None, help="compare this training run's best model")
     parser.add_argument("--checkpoint", default=None, help="compare this PyTorch checkpoint (.pth)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="test",
+    parser.add_argument("--recipe", choices=list(RECIPES), default="test",
                         help="the architecture of a random init, or of a .pth without a saved config")
     parser.add_argument("--seed", type=int, default=0, help="random init's seed (no checkpoint)")
     data.add_source_arguments(parser)
     parser.add_argument("--num_images", type=int, default=256, help="the first N test images")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=None,
-                        help=f"max |logits diff| (default: {TOLERANCE} by preset, else {DEFAULT_TOLERANCE})")
+                        help=f"max |logits diff| (default: {TOLERANCE} by recipe, else {DEFAULT_TOLERANCE})")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--perturb", default=None, metavar="KEY",
                         help=f"self-test: add noise of std {PERTURBATION:g} to one weight tensor of the "
@@ -325,8 +320,8 @@ def main(argv=None) -> int:
         if a.train_steps > cfg.epochs * a.steps_per_epoch:  # past T_max PyTorch's cosine rises again
             raise UserError(f"--train_steps {a.train_steps} is more than the schedule's {cfg.epochs} epochs "
                             f"of {a.steps_per_epoch} steps: raise --steps_per_epoch")
-        preset = preset_of(model_cfg)
-        tolerance = a.tolerance if a.tolerance is not None else TOLERANCE.get(preset, DEFAULT_TOLERANCE)
+        recipe = recipe_of(model_cfg)
+        tolerance = a.tolerance if a.tolerance is not None else TOLERANCE.get(recipe, DEFAULT_TOLERANCE)
         model = torch_twin(model_cfg, params, state_dict).to(torch_device)
         if a.perturb:
             weights = dict(model.named_parameters())
@@ -339,11 +334,11 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 weights[a.perturb].add_(PERTURBATION * noise)
         images, labels = data.load_split("test", limit=a.num_images, **data.source(a, cfg))
-        print(f"JAX: {source}; model {preset or 'custom'} ({model_cfg.img_size}px, patch {model_cfg.patch_size}, "
+        print(f"JAX: {source}; model {recipe or 'custom'} ({model_cfg.img_size}px, patch {model_cfg.patch_size}, "
               f"embed {model_cfg.embed_dim}, depth {model_cfg.depth})")
         print(f"PyTorch twin: the same weights{f', with {a.perturb} perturbed' if a.perturb else ''}; "
               f"{len(images)} CIFAR-10 test images, float32 on the {a.device.upper()}\n")
-        result = {"source": source, "preset": preset, "config": dataclasses.asdict(model_cfg),
+        result = {"source": source, "recipe": recipe, "config": dataclasses.asdict(model_cfg),
                   "num_images": len(images)}
         result.update(forward_parity(params, model, model_cfg, images, labels, a.batch_size, tolerance))
         print_forward(result)

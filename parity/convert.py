@@ -5,9 +5,9 @@ Takes this project's `best_model.pth` (parity.export), the PyTorch tutorial's ch
 port.py, and writes the Flax parameters as a .npz (vit_jax.weights). Then fine-tune in JAX:
 
     python -m parity.convert best_model.pth
-    python -m vit_jax.train --init_from best_model.npz [--preset ...] [flags]
+    python -m vit_jax.train --init_from best_model.npz [--recipe ...] [flags]
 
-The model is the config saved in the .pth (parity.export writes one), else --preset and the model flags.
+The model is the config saved in the .pth (parity.export writes one), else --recipe and the model flags.
 """
 
 import argparse
@@ -16,19 +16,19 @@ import os
 
 from parity.port import load_torch_checkpoint, read_torch_checkpoint
 from vit_jax import config as config_lib, weights
-from vit_jax.config import PRESETS, ModelConfig
+from vit_jax.config import RECIPES, ModelConfig, recipe_of
 from vit_jax.errors import UserError, cli, reason
 from vit_jax.model import count_params
 
 
-def model_of(path: str, preset: str | None, overrides: dict) -> ModelConfig:
-    """The architecture of a checkpoint: the config saved in it, else the preset with the flags applied."""
+def model_of(path: str, recipe: str | None, overrides: dict) -> ModelConfig:
+    """The architecture of a checkpoint: the config saved in it, else the recipe with the flags applied."""
     _, rest = read_torch_checkpoint(path)
     saved = rest.get("config")
-    if isinstance(saved, dict) and preset is None and not any(v is not None for v in overrides.values()):
+    if isinstance(saved, dict) and recipe is None and not any(v is not None for v in overrides.values()):
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig(**{k: v for k, v in saved.items() if k in names}).validate()
-    return config_lib.model_config(config_lib.TrainConfig(preset=preset or "seed"), **overrides)
+    return config_lib.model_config(config_lib.TrainConfig(recipe=recipe or "tutorial"), **overrides)
 
 
 def convert(path: str, model_cfg: ModelConfig, out: str | None = None) -> str:
@@ -49,16 +49,16 @@ def main(argv=None) -> str:
                                      allow_abbrev=False)
     parser.add_argument("checkpoint", help="a .pth: this project's, the PyTorch tutorial's, or a bare state_dict")
     parser.add_argument("--out", default=None, help="the .npz to write (default: the checkpoint's name, .npz)")
-    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+    parser.add_argument("--recipe", choices=list(RECIPES), default=None,
                         help="the architecture, when the checkpoint has no saved config (default: seed)")
     config_lib.add_model_arguments(parser)
     a = vars(parser.parse_args(argv))
     overrides = {f.name: a[f.name] for f in dataclasses.fields(ModelConfig)}
-    model_cfg = model_of(a["checkpoint"], a["preset"], overrides)
+    model_cfg = model_of(a["checkpoint"], a["recipe"], overrides)
     out = convert(a["checkpoint"], model_cfg, a["out"])
     n = count_params(weights.load(out, model_cfg))
-    preset = next((name for name, c in PRESETS.items() if c == model_cfg), None)
-    flags = f"--preset {preset}" if preset else "--preset ... and the model flags it was trained with"
+    recipe = recipe_of(model_cfg)
+    flags = f"--recipe {recipe}" if recipe else "--recipe ... and the model flags it was trained with"
     print(f"Wrote {out}: {n:,} parameters of a ViT img {model_cfg.img_size} patch {model_cfg.patch_size} "
           f"embed {model_cfg.embed_dim} depth {model_cfg.depth} heads {model_cfg.num_heads}. Fine-tune it with: "
           f"python -m vit_jax.train --init_from {out} {flags}")

@@ -124,7 +124,7 @@ class VisionTransformer(nn.Module):
 
     Built as timm's is, `VisionTransformer(img_size=224, patch_size=16, num_classes=10, embed_dim=384,
     depth=6, num_heads=6)` (and `global_pool='avg', class_token=False` for the mean of the patch
-    tokens through fc_norm), or from the same config object as the Flax model: `from_config(PRESETS[p])`.
+    tokens through fc_norm), or from the same config object as the Flax model: `from_config(MODELS[p])`.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 10,

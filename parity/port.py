@@ -162,5 +162,5 @@ def load_torch_checkpoint(path: str, config: ModelConfig) -> dict:
     except UserError as e:
         saved = rest.get("config")
         hint = (f"it was saved with model config {saved}" if isinstance(saved, dict) else
-                "choose the --preset and model flags it was trained with")
+                "choose the --recipe and model flags it was trained with")
         raise UserError(f"checkpoint {path!r} does not fit the chosen model: {e} ({hint})") from None

@@ -16,19 +16,19 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (preset, batch, dtype), the most telling first: a step that runs out of time loses the last ones.
+# (recipe, batch, dtype), the most telling first: a step that runs out of time loses the last ones.
 FULL_BENCH = [(p, b, d) for b, d in ((512, "bfloat16"), (64, "float32"), (64, "bfloat16"), (1024, "bfloat16"),
-                                     (512, "float32"), (1024, "float32")) for p in ("seed", "cifar")]
+                                     (512, "float32"), (1024, "float32")) for p in ("tutorial", "cifar")]
 SMOKE_BENCH = [("test", 8, "float32"), ("test", 8, "bfloat16")]
 
 BENCH_CODE = """
 import json, sys
 from vit_jax import bench
-for preset, batch, dtype in json.loads(sys.argv[1]):
+for recipe, batch, dtype in json.loads(sys.argv[1]):
     try:
-        r = bench.run(preset, batch, dtype, steps=int(sys.argv[2]), warmup=2, peak=None)
+        r = bench.run(recipe, batch, dtype, steps=int(sys.argv[2]), warmup=2, peak=None)
     except Exception as e:  # out of memory, an unsupported kernel...: recorded, and the next one runs
-        r = {"preset": preset, "batch_size": batch, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:500]}
+        r = {"recipe": recipe, "batch_size": batch, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:500]}
     print("BENCH " + json.dumps(r), flush=True)
 """
 
@@ -152,7 +152,7 @@ def main(argv=None):
     configs = SMOKE_BENCH if smoke else FULL_BENCH
     output = run.step("bench", [py, "-c", BENCH_CODE, json.dumps(configs), "2" if smoke else "10"],
                       90 if smoke else 150, reserve=0 if smoke else 330,
-                      shown=f"vit_jax.bench.run for {len(configs)} (preset, batch, dtype)")
+                      shown=f"vit_jax.bench.run for {len(configs)} (recipe, batch, dtype)")
     run.summary["bench"] = lines(output, "BENCH")
     run.save()
 
@@ -165,7 +165,7 @@ def main(argv=None):
         run.log.write(f"\n===== make_cifar10_archive.py\n{made}")
         run.summary["steps"]["data"] = {"status": maker.returncode}
     workdir = os.path.join(scratch, "run")
-    train = (["--preset", "test", "--epochs", "2", "--batch_size", "16", "--train_limit", "96", "--test_limit", "32"]
+    train = (["--recipe", "test", "--epochs", "2", "--batch_size", "16", "--train_limit", "96", "--test_limit", "32"]
              if smoke else ["--epochs", "20", "--log_every", "1000"])  # the tutorial's recipe, batch 64
     output = run.step("train", [py, "-m", "vit_jax.train", "--archive", archive, "--workdir", workdir,
                                 *train], 120 if smoke else 200, reserve=0 if smoke else 130)
@@ -181,17 +181,17 @@ def main(argv=None):
                             "seconds_per_epoch_after_the_first": [r["seconds"] for r in rows[1:]]}
     run.save()
 
-    for preset, extra, limit in ((("test", ["--no-compile"], 60),) if smoke else
-                                 (("seed", [], 100), ("cifar", ["--no-compile"], 45))):
-        path = os.path.join(a.out, f"parity_bench_{preset}.json")
-        run.step(f"parity_bench_{preset}", [py, "-m", "parity.bench", "--preset", preset, "--batch_size",
+    for recipe, extra, limit in ((("test", ["--no-compile"], 60),) if smoke else
+                                 (("tutorial", [], 100), ("cifar", ["--no-compile"], 45))):
+        path = os.path.join(a.out, f"parity_bench_{recipe}.json")
+        run.step(f"parity_bench_{recipe}", [py, "-m", "parity.bench", "--recipe", recipe, "--batch_size",
                                             "8" if smoke else "64", "--steps", "2" if smoke else "10",
                                             "--json", path, *extra], limit, reserve=0 if smoke else 40)
-        run.summary[f"parity_bench_{preset}"] = read_json(path)
+        run.summary[f"parity_bench_{recipe}"] = read_json(path)
         run.save()
 
     path = os.path.join(a.out, "compare.json")
-    run.step("compare", [py, "-m", "parity.compare", "--preset", "test" if smoke else "seed", "--device",
+    run.step("compare", [py, "-m", "parity.compare", "--recipe", "test" if smoke else "tutorial", "--device",
                          "gpu" if gpu else "cpu", "--archive", archive, "--num_images", "32" if smoke else "256",
                          "--batch_size", "32", "--json", path], 60 if smoke else 60)
     run.summary["compare"] = read_json(path)
@@ -209,10 +209,10 @@ def report(s: dict):
     print("== vit_jax.bench")
     for r in s.get("bench", []):
         if "error" in r:
-            print(f"  {r['preset']:<6} {r['batch_size']:>5} {r['dtype']:<9} {r['error'][:150]}")
+            print(f"  {r['recipe']:<6} {r['batch_size']:>5} {r['dtype']:<9} {r['error'][:150]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-        print(f"  {r['preset']:<6} {r['batch_size']:>5} {r['dtype']:<9} {r['ms_per_step']:9.2f} ms "
+        print(f"  {r['recipe']:<6} {r['batch_size']:>5} {r['dtype']:<9} {r['ms_per_step']:9.2f} ms "
               f"{r['images_per_sec']:10.0f} img/s  MFU {mfu:>6}  attention {r['attention']}  "
               f"compile {r['compile_s']:.1f} s  memory {(r.get('memory_bytes') or 0) / 2**30:.2f} GiB")
     t = s.get("train", {})
@@ -229,7 +229,7 @@ def report(s: dict):
                   f"JAX time / PyTorch eager time {p['jax_over_eager']:.2f}")
     c = s.get("compare")
     if c:
-        print(f"== compare ({c.get('preset')}): max |logits diff| {c['max_abs_logits_diff']:.2e}, argmax agreement "
+        print(f"== compare ({c.get('recipe')}): max |logits diff| {c['max_abs_logits_diff']:.2e}, argmax agreement "
               f"{c['argmax_agreement']:.2f}%, passed {c['passed']}")
     print(f"== steps: {s['steps']} | total {s.get('seconds')} s")
 

@@ -13,7 +13,7 @@
 # OUT/steps.log and OUT/train.log, the epochs to OUT/metrics.jsonl. Exit status 0 when every step
 # succeeded, 1 when one failed (the others still ran: OUT/summary.json says which).
 #
-# --smoke runs the same steps tiny (the test preset, a few batches), on whatever device there is:
+# --smoke runs the same steps tiny (the test recipe, a few batches), on whatever device there is:
 # the test suite runs it on the CPU. Needs nothing beyond the project's own dependencies; dm-pix and
 # tensorflow are not used (augmentation is plain jax.numpy, --archive reads the data with numpy).
 set -euo pipefail

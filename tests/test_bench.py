@@ -5,14 +5,14 @@ import subprocess
 import sys
 
 from vit_jax import bench
-from vit_jax.config import PRESETS
+from vit_jax.config import MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_prints_figures_the_breakdown_and_the_profile_without_tensorflow():
     code = ("import sys; from vit_jax import bench; "
-            "r = bench.main(['--preset', 'test', '--batch_size', '16', '--steps', '3', '--warmup', '1', '--breakdown', "
+            "r = bench.main(['--recipe', 'test', '--batch_size', '16', '--steps', '3', '--warmup', '1', '--breakdown', "
             "'--profile']); "
             "assert r['images_per_sec'] > 0 and r['tflops_per_step'] > 0 and r['compile_s'] > 0, r; "
             "assert r['memory_bytes'] > 0 and all(v > 0 for k, v in r['breakdown_ms'].items() if k != 'backward'), r; "
@@ -32,12 +32,12 @@ def test_flops_counted_from_the_shapes():
     t, d, m = 197, 384, 1536
     per_block = 2 * t * d * 3 * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * m
     forward = 2 * 196 * 768 * d + 6 * per_block + 2 * d * 10
-    assert bench.forward_flops(PRESETS["seed"]) == forward
-    assert bench.train_flops(PRESETS["seed"], 64) == 3 * 64 * forward
-    assert round(bench.train_flops(PRESETS["seed"], 64) / 1e9) == 894  # XLA's cost analysis: ~900
+    assert bench.forward_flops(MODELS["tutorial"]) == forward
+    assert bench.train_flops(MODELS["tutorial"], 64) == 3 * 64 * forward
+    assert round(bench.train_flops(MODELS["tutorial"], 64) / 1e9) == 894  # XLA's cost analysis: ~900
 
 
 def test_bench_refuses_bad_batch_size():
-    run = subprocess.run([sys.executable, "-m", "vit_jax.bench", "--preset", "test", "--batch_size", "0"],
+    run = subprocess.run([sys.executable, "-m", "vit_jax.bench", "--recipe", "test", "--batch_size", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr and "positive" in run.stderr

@@ -64,7 +64,7 @@ def test_training_reads_either_source_to_the_same_metrics(small_cifar, prepared,
     rows = {}
     for flag, source in (("--data_dir", prepared), ("--archive", small_cifar["archive"])):
         workdir = tmp_path / flag.strip("-")
-        train.main(["--preset", "test", "--epochs", "1", "--batch_size", "12", flag, source, "--workdir", str(workdir)])
+        train.main(["--recipe", "test", "--epochs", "1", "--batch_size", "12", flag, source, "--workdir", str(workdir)])
         rows[flag] = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_sec")}
                       for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows["--archive"]) == 1 and rows["--data_dir"] == rows["--archive"]

@@ -29,7 +29,7 @@ def archive(tmp_path_factory):
 
 
 def _args(archive, workdir, *extra):
-    return ["--preset", "test", "--epochs", "2", "--batch_size", "32", "--log_every", "1", "--save_every", "4",
+    return ["--recipe", "test", "--epochs", "2", "--batch_size", "32", "--log_every", "1", "--save_every", "4",
             "--archive", archive, "--workdir", workdir, *extra]
 
 
@@ -159,7 +159,7 @@ def test_what_a_process_is_asked_to_join_is_read_strictly(monkeypatch):
 
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", *processes.CLUSTER_MARKERS):
         monkeypatch.delenv(name, raising=False)
-    cfg = lambda *flags: parse_args(["--preset", "test", *flags])[0]
+    cfg = lambda *flags: parse_args(["--recipe", "test", *flags])[0]
     assert processes.topology(cfg()) is None  # a plain single host
     assert processes.topology(cfg("--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "1")) == \
         processes.Topology("h:1", 2, 1)

@@ -17,7 +17,7 @@ def test_smoke_mode_runs_every_step_and_writes_every_figure(tmp_path, cifar_arch
     assert {name: s["status"] for name, s in summary["steps"].items()} == {
         "env": 0, "bench": 0, "train": 0, "parity_bench_test": 0, "compare": 0}, (out / "steps.log").read_text()[-3000:]
     assert summary["env"]["jax"] and summary["env"]["devices"]
-    assert [(r["preset"], r["dtype"]) for r in summary["bench"]] == [("test", "float32"), ("test", "bfloat16")]
+    assert [(r["recipe"], r["dtype"]) for r in summary["bench"]] == [("test", "float32"), ("test", "bfloat16")]
     assert all(r["images_per_sec"] > 0 and "error" not in r for r in summary["bench"])
     assert [r["epoch"] for r in summary["train"]["epochs"]] == [1, 2]
     assert summary["parity_bench_test"]["jax_over_eager"] > 0

@@ -1,6 +1,6 @@
 """Looking inside a trained model: attention maps, error analysis, curves, predictions, run summary.
 
-Every command runs on one tiny `test`-preset run trained on a small archive (--archive), and each
+Every command runs on one tiny `test`-recipe run trained on a small archive (--archive), and each
 picture is opened to check its size in pixels.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import analyze, attention, data, evaluate, plot, predict, step, summary, train, visualize_attention
-from vit_jax.config import PRESETS, ModelConfig
+from vit_jax.config import MODELS, RECIPES, ModelConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
 from vit_jax.workdir import load_best
@@ -45,9 +45,9 @@ def _rows(workdir):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cifar_archive):
-    """The workdir of a 2-epoch `test`-preset run on 40 images of a small archive."""
+    """The workdir of a 2-epoch `test`-recipe run on 40 images of a small archive."""
     workdir = str(tmp_path_factory.mktemp("inspect") / "run")
-    train.main(["--preset", "test", "--epochs", "2", "--batch_size", "16", "--train_limit", "40",
+    train.main(["--recipe", "test", "--epochs", "2", "--batch_size", "16", "--train_limit", "40",
                 "--archive", cifar_archive, "--workdir", workdir])
     return workdir
 
@@ -66,7 +66,7 @@ def test_rollout_by_hand():
 
 
 @pytest.mark.parametrize("cfg", [
-    PRESETS["test"],  # 4x4 patches
+    MODELS["test"],  # 4x4 patches
     ModelConfig(img_size=32, patch_size=4, embed_dim=16, depth=3, num_heads=4, mlp_ratio=1.0),  # 8x8
     ModelConfig(img_size=48, patch_size=16, embed_dim=16, depth=1, num_heads=1, mlp_ratio=1.0),  # 3x3, resized
     ModelConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=1.0, class_token=False,
@@ -96,7 +96,7 @@ def test_maps_come_from_the_model_and_are_distributions_on_any_patch_grid(cfg, t
 def test_visualize_attention_command(run, tmp_path, capsys):
     out = visualize_attention.main(["--workdir", run, "--num_images", "3"])
     assert out["path"] == os.path.join(run, "attention.png")
-    assert _png_size(out["path"]) == visualize_attention.figure_size(3, PRESETS["test"].num_heads)
+    assert _png_size(out["path"]) == visualize_attention.figure_size(3, MODELS["test"].num_heads)
     assert (out["rollout"] >= 0).all()
     np.testing.assert_allclose(out["rollout"].sum(axis=(1, 2)), 1.0, rtol=1e-9)
 
@@ -105,7 +105,7 @@ def test_visualize_attention_command(run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not an image")
     out = visualize_attention.main(["--workdir", run, "--images", str(tmp_path / "mine.jpg"),
                                     str(tmp_path / "notes.txt"), "--out", str(tmp_path / "own.png")])
-    assert _png_size(tmp_path / "own.png") == visualize_attention.figure_size(1, PRESETS["test"].num_heads)
+    assert _png_size(tmp_path / "own.png") == visualize_attention.figure_size(1, MODELS["test"].num_heads)
     assert "notes.txt is not an image" in capsys.readouterr().err
 
 
@@ -254,7 +254,7 @@ def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):
     assert f"| **best** | {best['epoch']} | {best['test_acc']:.2f}% |" in text
     assert "2 x test device" in text and "24,234 parameters" in text
     assert "![Training curves](curves.png)" in text  # drawn by write_summary
-    assert "--preset test --epochs 2 --batch_size 16" in text
+    assert "--recipe test --epochs 2 --batch_size 16" in text
 
     # The first of equal accuracies, as training keeps it; pictures not made yet are named with their command.
     synthetic = _synthetic_run(run, tmp_path, [10.0, 30.0, 30.0, 20.0])

@@ -106,7 +106,7 @@ sys.meta_path[:] = [NotInstalled(f) for f in sys.meta_path]
 
 
 def test_training_runs_where_neither_torch_nor_tensorflow_can_be_imported(tmp_path, cifar_archive):
-    """A short epoch of the test preset from an archive (--archive), in a process whose import of
+    """A short epoch of the test recipe from an archive (--archive), in a process whose import of
     torch, parity, tensorflow or tensorflow_datasets fails: a GPU box with JAX alone."""
     code = _not_installed(BLOCKED) + f"""
 try:
@@ -115,7 +115,7 @@ try:
 except ModuleNotFoundError:
     pass
 from vit_jax import train
-train.main(["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--test_limit", "16",
+train.main(["--recipe", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--test_limit", "16",
             "--archive", {cifar_archive!r}, "--workdir", {str(tmp_path / "run")!r}])
 assert not [m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}]
 """

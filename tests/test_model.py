@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax.config import PRESETS
+from vit_jax.config import MODELS
 from vit_jax.errors import UserError
 from vit_jax.model import VisionTransformer, count_params, init_params
 
 EXPECTED_PARAMS = {
-    "seed": 11_022_730,  # the tutorial's model (it prints 21.67M, the 12-layer count: vit_s16 below)
+    "tutorial": 11_022_730,  # the tutorial's model (it prints 21.67M, the 12-layer count: vit_s16 below)
     "cifar": 4_771_082,
     "test": 24_234,
     "fast": 823_178,
@@ -23,21 +23,21 @@ EXPECTED_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_parameter_count(preset):
-    shapes = jax.eval_shape(lambda: init_params(PRESETS[preset], jax.random.key(0)))
-    assert count_params(shapes) == EXPECTED_PARAMS[preset]
+@pytest.mark.parametrize("recipe", sorted(MODELS))
+def test_parameter_count(recipe):
+    shapes = jax.eval_shape(lambda: init_params(MODELS[recipe], jax.random.key(0)))
+    assert count_params(shapes) == EXPECTED_PARAMS[recipe]
 
 
 def test_seed_count_by_hand():
     D, N, L, C, p = 384, 196, 6, 10, 16
     block = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)
     total = (p * p * 3 * D + D) + D + (N + 1) * D + L * block + 2 * D + (D * C + C)
-    assert total == EXPECTED_PARAMS["seed"]
+    assert total == EXPECTED_PARAMS["tutorial"]
 
 
 def test_named_submodules():
-    params = init_params(PRESETS["test"], jax.random.key(0))
+    params = init_params(MODELS["test"], jax.random.key(0))
     assert set(params) == {"patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1", "norm", "head"}
     assert set(params["blocks_0"]) == {"norm1", "attn", "norm2", "mlp"}
     assert set(params["blocks_0"]["attn"]) == {"qkv", "proj"}
@@ -45,7 +45,7 @@ def test_named_submodules():
 
 
 def test_output_and_stage_shapes():
-    cfg = PRESETS["test"]
+    cfg = MODELS["test"]
     model = VisionTransformer(cfg)
     params = init_params(cfg, jax.random.key(0))
     x = jnp.ones((3, 32, 32, 3))
@@ -59,7 +59,7 @@ def test_output_and_stage_shapes():
 
 
 def test_attention_weights_are_sown():
-    cfg = PRESETS["test"]
+    cfg = MODELS["test"]
     params = init_params(cfg, jax.random.key(0))
     _, state = VisionTransformer(cfg).apply({"params": params}, jnp.ones((2, 32, 32, 3)),
                                             mutable=["intermediates"])
@@ -69,7 +69,7 @@ def test_attention_weights_are_sown():
 
 
 def test_dropout_and_drop_path_only_in_training():
-    cfg = dataclasses.replace(PRESETS["test"], drop_rate=0.3, drop_path_rate=0.3)
+    cfg = dataclasses.replace(MODELS["test"], drop_rate=0.3, drop_path_rate=0.3)
     model = VisionTransformer(cfg)
     params = init_params(cfg, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
@@ -82,7 +82,7 @@ def test_dropout_and_drop_path_only_in_training():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    cfg = dataclasses.replace(PRESETS["test"], dtype="bfloat16")
+    cfg = dataclasses.replace(MODELS["test"], dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits = VisionTransformer(cfg).apply({"params": params}, jnp.ones((2, 32, 32, 3)))
@@ -98,13 +98,13 @@ def test_bfloat16_compute_keeps_float32_params():
 ])
 def test_impossible_shapes_are_refused(fields, message):
     with pytest.raises(UserError, match=message):
-        dataclasses.replace(PRESETS["test"], **fields).validate()
+        dataclasses.replace(MODELS["test"], **fields).validate()
 
 
 def test_attention_kernel_is_chosen_from_backend_and_dtype(monkeypatch):
     from vit_jax.model import attention_implementation
 
-    cfg = PRESETS["test"]
+    cfg = MODELS["test"]
     assert attention_implementation(cfg) == "xla"  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention_implementation(cfg) == "xla"  # float32: cuDNN's fused kernel takes 16-bit inputs
@@ -115,7 +115,7 @@ def test_attention_kernel_is_chosen_from_backend_and_dtype(monkeypatch):
 def test_fused_attention_and_the_spelled_out_softmax_agree():
     """The path that trains (jax.nn.dot_product_attention) and the one that keeps the weights for the
     pictures compute the same function."""
-    cfg = PRESETS["test"]
+    cfg = MODELS["test"]
     params = init_params(cfg, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
     fused = VisionTransformer(cfg).apply({"params": params}, x)

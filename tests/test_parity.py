@@ -13,7 +13,7 @@ from flax import traverse_util
 from parity import compare, port
 from parity.model import DropPath, VisionTransformer as TorchViT, gelu
 from vit_jax import step
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError
 from vit_jax.model import VisionTransformer as FlaxViT, count_params, init_params
@@ -21,8 +21,8 @@ from vit_jax.model import VisionTransformer as FlaxViT, count_params, init_param
 # Tiny models gain nothing from more threads, and on a busy CPU torch's threads wait on each other.
 torch.set_num_threads(1)
 
-CFG = PRESETS["test"]
-TOL = 1e-5  # the `test` preset's tolerance in parity.compare
+CFG = MODELS["test"]
+TOL = 1e-5  # the `test` recipe's tolerance in parity.compare
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def random_params():
 @pytest.fixture(scope="module")
 def trained_params(random_params):
     """`test` weights after 40 AdamW steps at a high rate, far from their initialization."""
-    cfg = TrainConfig(preset="test", lr=3e-3)
+    cfg = TrainConfig(recipe="test", lr=3e-3)
     mesh = DataParallel.create(32)
     state = mesh.replicate(step.create_train_state(CFG, cfg, params=random_params))
     train_fn = step.jit_train_step(mesh, step.Settings(CFG.img_size), step.Schedule.of(cfg, 100))
@@ -81,10 +81,10 @@ def test_state_dict_keys_are_timms_and_the_table_covers_each_once():
     assert {r.transform.name for r in rows} == {"conv", "dense", "identity"}
 
 
-def test_constructor_as_users_call_it_builds_the_seed_preset():
+def test_constructor_as_users_call_it_builds_the_tutorial_model():
     with torch.device("meta"):  # shapes only
         model = TorchViT(img_size=224, patch_size=16, num_classes=10, embed_dim=384, depth=6, num_heads=6)
-    assert model.config == PRESETS["seed"]
+    assert model.config == MODELS["tutorial"]
     assert sum(p.numel() for p in model.parameters()) == 11_022_730
     assert TorchViT.from_config(CFG).config == CFG
     with pytest.raises(UserError, match="not divisible by num_heads"):
@@ -197,13 +197,13 @@ def test_logits_and_every_stage_agree(weights, request):
     assert (stages_t["logits"].argmax(-1) == stages_j["logits"].argmax(-1)).all()
 
 
-def test_seed_preset_agrees_within_its_tolerance():
-    cfg = PRESETS["seed"]
+def test_tutorial_model_agrees_within_its_tolerance():
+    cfg = MODELS["tutorial"]
     rng = np.random.default_rng(1)  # random weights of init's scale, without tracing an init
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(1)))
     params = jax.tree.map(lambda s: (rng.standard_normal(s.shape, np.float32) * 0.05).astype(np.float32), shapes)
     stages_j, stages_t = _both(params, _images(2, size=224), cfg)
-    np.testing.assert_allclose(stages_t["logits"], stages_j["logits"], rtol=0, atol=compare.TOLERANCE["seed"])
+    np.testing.assert_allclose(stages_t["logits"], stages_j["logits"], rtol=0, atol=compare.TOLERANCE["tutorial"])
 
 
 def _train_batches(n=32, seed=0):
@@ -213,7 +213,7 @@ def _train_batches(n=32, seed=0):
 
 def test_one_batch_gradients_agree(trained_params):
     images, labels = _train_batches()
-    cfg = TrainConfig(preset="test", lr=1e-3)
+    cfg = TrainConfig(recipe="test", lr=1e-3)
     r = compare.train_parity(trained_params, compare.torch_twin(CFG, trained_params), CFG, cfg, images, labels,
                              steps=1, batch_size=32, steps_per_epoch=1)
     assert r["grad_rel_diff"] <= 1e-5
@@ -226,7 +226,7 @@ def test_adamw_steps_agree_given_the_same_gradients(trained_params):
     grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 1e-2, trained_params)
              for _ in range(6)]
     for decay_all in (True, False):
-        cfg = TrainConfig(preset="test", lr=1e-3, weight_decay=0.1, epochs=3, decay_all=decay_all)
+        cfg = TrainConfig(recipe="test", lr=1e-3, weight_decay=0.1, epochs=3, decay_all=decay_all)
         tx, schedule = step.make_optimizer(cfg), step.Schedule.of(cfg, steps_per_epoch=2)
         params, opt_state = trained_params, tx.init(trained_params)
         model = compare.torch_twin(CFG, trained_params)
@@ -250,7 +250,7 @@ def test_adamw_steps_agree_given_the_same_gradients(trained_params):
 
 def test_twenty_training_steps_stay_within_the_tolerance(trained_params):
     images, labels = _train_batches(n=64, seed=1)
-    cfg = TrainConfig(preset="test", decay_all=False)
+    cfg = TrainConfig(recipe="test", decay_all=False)
     r = compare.train_parity(trained_params, compare.torch_twin(CFG, trained_params), CFG, cfg, images, labels,
                              steps=20, batch_size=16, steps_per_epoch=5)
     lrs = [row["lr_torch"] for row in r["losses"]]
@@ -287,7 +287,7 @@ def test_a_mismatched_optimizer_is_caught(random_params, monkeypatch):
     images, labels = _train_batches(n=16)
     monkeypatch.setattr(compare, "_torch_optimizer", lambda model, cfg: torch.optim.Adam(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
-    r = compare.train_parity(random_params, compare.torch_twin(CFG, random_params), CFG, TrainConfig(preset="test"),
+    r = compare.train_parity(random_params, compare.torch_twin(CFG, random_params), CFG, TrainConfig(recipe="test"),
                              images, labels, steps=4, batch_size=16, steps_per_epoch=2)
     assert r["grad_rel_diff"] <= 1e-5 and not r["passed"]
 

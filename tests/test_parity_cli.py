@@ -14,7 +14,7 @@ from parity import bench, compare, convert, export, port
 from parity.model import VisionTransformer
 from vit_jax import config as config_lib
 from vit_jax import augment, train, weights
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
 from vit_jax.workdir import Checkpoints, load_best
@@ -22,24 +22,24 @@ from vit_jax.workdir import Checkpoints, load_best
 torch.set_num_threads(1)  # tiny models; on a busy CPU torch's threads wait on each other
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = PRESETS["test"]
+CFG = MODELS["test"]
 
 
-def _random_params(preset: str, seed: int = 0):
+def _random_params(recipe: str, seed: int = 0):
     """Random weights of init's scale, without tracing an init (quick even for `seed`)."""
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_params(PRESETS[preset], jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: init_params(MODELS[recipe], jax.random.key(0)))
     return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
-def _workdir(path: str, preset: str, params, epoch: int = 3, test_acc: float = 41.5, archive=None) -> str:
+def _workdir(path: str, recipe: str, params, epoch: int = 3, test_acc: float = 41.5, archive=None) -> str:
     """A workdir as vit_jax.train leaves it: config.json and a best checkpoint."""
-    cfg = TrainConfig(preset=preset, workdir=path, archive=archive)
+    cfg = TrainConfig(recipe=recipe, workdir=path, archive=archive)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_lib.to_dict(cfg, PRESETS[preset]), f)
+        json.dump(config_lib.to_dict(cfg, MODELS[recipe]), f)
     ckpts = Checkpoints(path)
-    ckpts.save_best(params, {"epoch": epoch, "test_acc": test_acc, "config": config_lib.to_dict(cfg, PRESETS[preset])})
+    ckpts.save_best(params, {"epoch": epoch, "test_acc": test_acc, "config": config_lib.to_dict(cfg, MODELS[recipe])})
     ckpts.close()
     return path
 
@@ -56,8 +56,8 @@ def test_workdir(tmp_path_factory, cifar_archive):
 
 def test_export_loads_with_the_tutorials_own_lines(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = _random_params("seed")
-    _workdir("checkpoints", "seed", params, epoch=7, test_acc=63.25)
+    params = _random_params("tutorial")
+    _workdir("checkpoints", "tutorial", params, epoch=7, test_acc=63.25)
     export.main(["--workdir", "checkpoints"])
     assert "best_model.pth" in os.listdir("checkpoints")
     assert not [f for f in os.listdir("checkpoints") if f.endswith(".tmp")]
@@ -72,7 +72,7 @@ def test_export_loads_with_the_tutorials_own_lines(tmp_path, monkeypatch):
     ckpt = torch.load("checkpoints/best_model.pth", weights_only=True)
     assert set(ckpt) == {"model_state_dict", "epoch", "test_acc", "config"}
     assert ckpt["epoch"] == 7 and ckpt["test_acc"] == 63.25
-    assert config_lib.ModelConfig(**ckpt["config"]) == PRESETS["seed"]
+    assert config_lib.ModelConfig(**ckpt["config"]) == MODELS["tutorial"]
 
 
 def test_export_to_another_path(test_workdir, tmp_path, capsys):
@@ -103,9 +103,9 @@ def test_convert_a_bare_state_dict_and_the_tutorials_format(tmp_path, capsys):
     expected = port.torch_to_flax(model.state_dict(), CFG)
     bare = str(tmp_path / "bare.pth")
     torch.save(model.state_dict(), bare)
-    out = convert.main([bare, "--preset", "test"])
+    out = convert.main([bare, "--recipe", "test"])
     assert out == str(tmp_path / "bare.npz")
-    assert f"Fine-tune it with: python -m vit_jax.train --init_from {out} --preset test" in capsys.readouterr().out
+    assert f"Fine-tune it with: python -m vit_jax.train --init_from {out} --recipe test" in capsys.readouterr().out
     jax.tree.map(np.testing.assert_array_equal, weights.load(out, CFG), expected)
 
     # The tutorial's save, from a DataParallel model ('module.' keys), with the optimizer's state.
@@ -113,14 +113,14 @@ def test_convert_a_bare_state_dict_and_the_tutorials_format(tmp_path, capsys):
     tutorial = str(tmp_path / "best_model.pth")
     torch.save({"epoch": 4, "model_state_dict": torch.nn.DataParallel(model).state_dict(),
                 "optimizer_state_dict": optimizer.state_dict(), "test_acc": 55.0}, tutorial)
-    out = convert.main([tutorial, "--preset", "test", "--out", str(tmp_path / "sub" / "tutorial.npz")])
+    out = convert.main([tutorial, "--recipe", "test", "--out", str(tmp_path / "sub" / "tutorial.npz")])
     jax.tree.map(np.testing.assert_array_equal, weights.load(out, CFG), expected)
 
 
 def test_convert_reads_the_config_that_export_saved(test_workdir, tmp_path):
     workdir, params = test_workdir
     pth = export.export(workdir, str(tmp_path / "w.pth"))
-    out = convert.main([pth])  # no --preset: the config saved in the file
+    out = convert.main([pth])  # no --recipe: the config saved in the file
     jax.tree.map(np.testing.assert_array_equal, weights.load(out, CFG), params)
 
 
@@ -130,7 +130,7 @@ def test_training_starts_from_the_pytorch_weights(tmp_path, cifar_archive):
     torch.save(model.state_dict(), path)
     npz = convert.convert(path, CFG)
     workdir = str(tmp_path / "run")
-    train.main(["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--workdir",
+    train.main(["--recipe", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--workdir",
                 workdir, "--archive", cifar_archive, "--init_from", npz])
     start = port.torch_to_flax(model.state_dict(), CFG)
     moved = max(float(np.abs(a - b).max())
@@ -145,14 +145,14 @@ def test_a_checkpoint_of_another_model_names_its_first_differences_in_one_short_
     with pytest.raises(UserError) as e:
         port.load_torch_checkpoint(path, CFG)
     message = str(e.value)
-    assert "does not fit the chosen model" in message and "choose the --preset" in message
+    assert "does not fit the chosen model" in message and "choose the --recipe" in message
     assert "(14 differences: 'head.weight' has shape (100, 32), the model needs (10, 32)" in message
     assert "unexpected 'blocks.2.norm1.weight'" in message and "and 9 more" in message
 
-    # Another preset's checkpoint (the issue's 8 KB message): a line, not a page.
-    torch.save(_torch_model(PRESETS["cifar"]).state_dict(), path)
+    # Another recipe's checkpoint (the issue's 8 KB message): a line, not a page.
+    torch.save(_torch_model(MODELS["cifar"]).state_dict(), path)
     with pytest.raises(SystemExit) as exit_:
-        convert.main([path, "--preset", "test"])
+        convert.main([path, "--recipe", "test"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and len(err) < 800, err
     assert "differences: " in err and "more" in err
@@ -160,14 +160,14 @@ def test_a_checkpoint_of_another_model_names_its_first_differences_in_one_short_
 
 def test_init_from_refuses_what_is_not_for_this_model(tmp_path, cifar_archive, capsys):
     cifar = str(tmp_path / "cifar.npz")
-    weights.save(cifar, _random_params("cifar"), PRESETS["cifar"])
+    weights.save(cifar, _random_params("cifar"), MODELS["cifar"])
     pth = str(tmp_path / "model.pth")
     torch.save(_torch_model().state_dict(), pth)
     for init_from, message in ((cifar, "holds parameters of another model (patch_size 4 -> 8; embed_dim 256 -> 32"),
                                (pth, "is a PyTorch checkpoint: convert it first with python -m parity.convert"),
                                (str(tmp_path / "none.npz"), "no parameters file at")):
         with pytest.raises(SystemExit) as exit_:
-            train.main(["--preset", "test", "--epochs", "1", "--workdir", str(tmp_path / "run"), "--archive",
+            train.main(["--recipe", "test", "--epochs", "1", "--workdir", str(tmp_path / "run"), "--archive",
                         cifar_archive, "--init_from", init_from])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err, err
@@ -207,7 +207,7 @@ def test_compare_random_init_agrees(tmp_path, capsys, cifar_archive):
     code, r = _compare(["--archive", cifar_archive], tmp_path)
     out = capsys.readouterr().out
     assert code == 0 and r["passed"]
-    assert "random init of preset 'test'" in out and "no checkpoint given" in out and "PASS" in out
+    assert "random init of recipe 'test'" in out and "no checkpoint given" in out and "PASS" in out
     assert set(r) >= {"max_abs_logits_diff", "argmax_agreement", "jax_accuracy", "torch_accuracy", "stages",
                       "tolerance", "passed"}
     assert list(r["stages"]) == ["embed", "block00", "block01", "norm", "logits"]
@@ -254,13 +254,13 @@ def test_compare_refuses_what_it_cannot_use_before_comparing(tmp_path, capsys):
         assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
 
 
-def test_compare_refuses_a_checkpoint_of_another_preset(tmp_path, capsys):
+def test_compare_refuses_a_checkpoint_of_another_recipe(tmp_path, capsys):
     path = str(tmp_path / "bare.pth")
     torch.save(_torch_model().state_dict(), path)
     with pytest.raises(SystemExit):
-        compare.main(["--checkpoint", path, "--preset", "cifar"])
+        compare.main(["--checkpoint", path, "--recipe", "cifar"])
     err = capsys.readouterr().err
-    assert "does not fit preset cifar" in err and "pass the --preset it was trained with" in err
+    assert "does not fit recipe cifar" in err and "pass the --recipe it was trained with" in err
 
 
 # bench -------------------------------------------------------------------------------------------
@@ -268,18 +268,18 @@ def test_compare_refuses_a_checkpoint_of_another_preset(tmp_path, capsys):
 
 def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
     out_json = str(tmp_path / "bench.json")
-    r = bench.main(["--preset", "test", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--no-compile",
+    r = bench.main(["--recipe", "test", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--no-compile",
                     "--json", out_json])
     out = capsys.readouterr().out
     assert r["jax"]["images_per_sec"] > 0 and r["torch_eager"]["images_per_sec"] > 0
     assert r["jax_over_eager"] == r["jax"]["ms_per_step"] / r["torch_eager"]["ms_per_step"]
     assert f"JAX time / PyTorch eager time: {r['jax_over_eager']:.2f}" in out and "n/a: --no-compile" in out
     # What limits both steps: their FLOPs per second, and the largest matmul alone at each step's rows.
-    assert r["gflop_per_step"] == bench.jax_bench.train_flops(PRESETS["test"], 4) / 1e9
+    assert r["gflop_per_step"] == bench.jax_bench.train_flops(MODELS["test"], 4) / 1e9
     for side in ("jax", "torch_eager"):
         assert r[side]["gflops"] == pytest.approx(r["gflop_per_step"] / r[side]["ms_per_step"] * 1e3)
     mm = r["matmul"]
-    assert mm["shape"] == [32, 64] and mm["torch_rows"] == 4 * 17  # the test preset: 17 tokens, MLP 32 -> 64
+    assert mm["shape"] == [32, 64] and mm["torch_rows"] == 4 * 17  # the test recipe: 17 tokens, MLP 32 -> 64
     assert mm["jax_rows"] == 4 // r["jax"]["grad_accum"] // jax.device_count() * 17
     assert mm["jax_gflops"] > 0 and mm["torch_gflops"] > 0
     assert f"XLA      {mm['jax_gflops']:8.1f} GFLOP/s at N = {mm['jax_rows']:,} (" in out
@@ -292,7 +292,7 @@ def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
 def test_bench_refuses_a_json_path_it_cannot_write_before_timing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as e:
-        bench.main(["--preset", "test", "--json", str(tmp_path / "file" / "b.json")])
+        bench.main(["--recipe", "test", "--json", str(tmp_path / "file" / "b.json")])
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"error: cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json\n")
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from vit_jax import augment, config as config_lib, step
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.model import VisionTransformer, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = PRESETS["test"]
+CFG = MODELS["test"]
 
 
 def _batch(n=16, seed=0):
@@ -31,15 +31,15 @@ def _batch(n=16, seed=0):
 
 def test_recipes_set_defaults_that_flags_override():
     fast, fast_model = config_lib.parse_args(["--recipe", "fast"])
-    assert fast.preset == "fast" and fast.lr == 1e-3 and fast.batch_size == 64 and fast.label_smoothing == 0.1
+    assert fast.recipe == "fast" and fast.lr == 1e-3 and fast.batch_size == 64 and fast.label_smoothing == 0.1
     assert fast.tta_flip and fast.augment and not fast.crop
-    assert fast_model == PRESETS["fast"] and fast_model.global_pool == "avg" and not fast_model.class_token
+    assert fast_model == MODELS["fast"] and fast_model.global_pool == "avg" and not fast_model.class_token
     cfg, model = config_lib.parse_args(["--recipe", "fast", "--lr", "1e-3", "--no-tta_flip", "--embed_dim", "96"])
     assert cfg.lr == 1e-3 and not cfg.tta_flip and model.embed_dim == 96 and model.global_pool == "avg"
     assert config_lib.parse_args([]) == config_lib.recipe_defaults("tutorial")  # the tutorial's, as before
     assert config_lib.parse_args([])[0] == dataclasses.replace(TrainConfig(), recipe="tutorial")
     help_text = config_lib.build_parser("x").format_help()
-    for flag in ("--recipe {tutorial,fast}", "--label_smoothing", "--grad_clip", "--ema_decay", "--tta_flip",
+    for flag in ("--recipe {tutorial,cifar,fast,test,vit_ti16,vit_s16,vit_b16}", "--label_smoothing", "--grad_clip", "--ema_decay", "--tta_flip",
                  "--time_budget", "--global_pool", "--class_token"):
         assert flag in help_text, flag
 
@@ -71,7 +71,7 @@ def test_grad_clip_scales_the_gradients_to_the_norm_before_adamw():
 
 
 def test_ema_follows_its_recurrence_and_is_what_evaluation_uses():
-    cfg = TrainConfig(preset="test", ema_decay=0.9, lr=1e-2)
+    cfg = TrainConfig(recipe="test", ema_decay=0.9, lr=1e-2)
     parallel = DataParallel.create(16)
     state = parallel.replicate(step.create_train_state(CFG, cfg))
     train_fn = step.jit_train_step(parallel, step.Settings.of(CFG, cfg), step.Schedule.of(cfg, 10))
@@ -83,7 +83,7 @@ def test_ema_follows_its_recurrence_and_is_what_evaluation_uses():
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, jax.device_get(state.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema_params, ema)
     assert step.eval_params(state) is state.ema_params
-    plain = step.create_train_state(CFG, TrainConfig(preset="test"))
+    plain = step.create_train_state(CFG, TrainConfig(recipe="test"))
     assert plain.ema_params is None and step.eval_params(plain) is plain.params
 
 
@@ -98,11 +98,11 @@ def test_test_time_flip_averages_the_logits_of_the_image_and_its_mirror():
 
 
 BUDGET = 0.75  # minutes: after the start-up (11 s measured on an idle 2-core machine, more on a busy one
-# with nothing compiled) and 10 s for the end, time remains for several epochs of the test preset
+# with nothing compiled) and 10 s for the end, time remains for several epochs of the test recipe
 
 
 def _budget_cmd(archive, workdir, minutes):
-    return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--batch_size", "16", "--log_every",
+    return [sys.executable, "-u", "-m", "vit_jax.train", "--recipe", "test", "--batch_size", "16", "--log_every",
             "1000", "--archive", archive, "--workdir", workdir, "--time_budget", str(minutes)]
 
 
@@ -161,7 +161,7 @@ def test_steps_slower_than_measured_cut_the_epoch_short_and_the_run_ends_in_time
 
     monkeypatch.setattr(budget, "process_start", time.time)  # this test's start, not the suite's
     monkeypatch.setattr(budget.Budget, "training_deadline", lambda *a, **k: 0.0)  # long past
-    args = ["--preset", "test", "--batch_size", "16", "--log_every", "1000", "--archive", cifar_archive,
+    args = ["--recipe", "test", "--batch_size", "16", "--log_every", "1000", "--archive", cifar_archive,
             "--workdir", str(tmp_path / "run"), "--time_budget", "1"]
     train.main(args)
     out = capsys.readouterr().out

@@ -25,7 +25,7 @@ TIMING = ("seconds", "images_per_sec")
 
 
 def _cmd(archive, workdir, *extra):
-    return [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "test", "--epochs", "6",
+    return [sys.executable, "-u", "-m", "vit_jax.train", "--recipe", "test", "--epochs", "6",
             "--batch_size", "16", "--train_limit", "96", "--test_limit", "32", "--log_every", "1",
             "--save_every", "2", "--archive", archive, "--workdir", workdir, *extra]
 

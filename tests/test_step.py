@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from vit_jax import step
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError
 
@@ -38,7 +38,7 @@ def test_per_step_cosine_with_warmup():
 def test_the_update_is_optaxs_adamw_with_its_schedule_inside():
     """The rate scales AdamW's update from outside (so that it can be an argument of the compiled step):
     the parameters optax's own AdamW gives with its schedules inside, to float32 rounding of the rate."""
-    params = step.init_params(PRESETS["test"], jax.random.key(0))
+    params = step.init_params(MODELS["test"], jax.random.key(0))
     rng = np.random.default_rng(0)
     for cfg, inside in (
             (TrainConfig(lr=1e-3, epochs=3), lambda c: optax.cosine_decay_schedule(1e-3, 3)(c // 4)),
@@ -67,7 +67,7 @@ def test_runs_that_differ_only_in_their_schedule_share_one_compiled_step():
     assert fns[0].jitted is fns[1].jitted
     compiled = []  # how many programs the one jitted step holds after each run
     for fn in fns:
-        state = mesh.replicate(step.create_train_state(PRESETS["test"], TrainConfig(preset="test", weight_decay=0.0)))
+        state = mesh.replicate(step.create_train_state(MODELS["test"], TrainConfig(recipe="test", weight_decay=0.0)))
         starts.append(jax.device_get(state.params))
         state, _ = fn(state, mesh.replicate(step.zero_metrics()), *batch, jax.random.key(0))
         moved.append(jax.tree.map(np.subtract, jax.device_get(state.params), starts[-1]))
@@ -78,7 +78,7 @@ def test_runs_that_differ_only_in_their_schedule_share_one_compiled_step():
 
 
 def test_decay_mask_spares_biases_norms_and_embeddings():
-    params = step.init_params(PRESETS["test"], jax.random.key(0))
+    params = step.init_params(MODELS["test"], jax.random.key(0))
     mask = step.decay_mask(params)
     assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and mask["patch_embed"]["proj"]["kernel"]
     assert not mask["blocks_0"]["attn"]["qkv"]["bias"]
@@ -95,11 +95,11 @@ def _batch(mesh, n=32, seed=0):
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
-    cfg = TrainConfig(preset="test", lr=3e-3, weight_decay=0.0)
+    cfg = TrainConfig(recipe="test", lr=3e-3, weight_decay=0.0)
     mesh = DataParallel.create(32)
-    state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
+    state = mesh.replicate(step.create_train_state(MODELS["test"], cfg))
     train_fn = step.jit_train_step(mesh, step.Settings(32), step.Schedule.of(cfg, 100))
-    eval_fn = step.jit_eval_step(mesh, PRESETS["test"])
+    eval_fn = step.jit_eval_step(mesh, MODELS["test"])
     batch = _batch(mesh)
 
     def eval_loss(state):
@@ -117,7 +117,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_padding_examples_carry_no_weight():
     """A batch padded with junk under mask 0 gives the update of the real examples alone."""
-    cfg = TrainConfig(preset="test")
+    cfg = TrainConfig(recipe="test")
     mesh = DataParallel.create(8)
     train_fn = step.jit_train_step(mesh, step.Settings(32), step.Schedule.of(cfg, 10))
     images, labels, mask = (np.asarray(a) for a in _batch(mesh, n=8))
@@ -127,7 +127,7 @@ def test_padding_examples_carry_no_weight():
     junk[6:] = 255 - junk[6:]
     results = []
     for imgs in (images, junk):
-        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
+        state = mesh.replicate(step.create_train_state(MODELS["test"], cfg))
         state, m = train_fn(state, mesh.replicate(step.zero_metrics()),
                             *mesh.put_batch(imgs, labels, padded_mask), jax.random.key(0))
         results.append((state.params, m))
@@ -148,10 +148,10 @@ def test_gradient_accumulation_gives_the_updates_of_the_whole_batch():
     two micro-batches of 16 (272 tokens each)."""
     results = {}
     for k in (1, 4, None):
-        cfg = TrainConfig(preset="test", lr=3e-3, grad_accum=k, batch_size=32)
+        cfg = TrainConfig(recipe="test", lr=3e-3, grad_accum=k, batch_size=32)
         mesh = DataParallel.create(32)
-        state = mesh.replicate(step.create_train_state(PRESETS["test"], cfg))
-        settings = step.Settings.of(PRESETS["test"], cfg)
+        state = mesh.replicate(step.create_train_state(MODELS["test"], cfg))
+        settings = step.Settings.of(MODELS["test"], cfg)
         assert settings.grad_accum == (k or 2)
         train_fn = step.jit_train_step(mesh, settings, step.Schedule.of(cfg, 100))
         metrics = mesh.replicate(step.zero_metrics())
@@ -177,16 +177,16 @@ def test_gradient_accumulation_gives_the_updates_of_the_whole_batch():
 def test_the_cpu_takes_a_batch_in_micro_batches_of_at_most_512_tokens_per_device(monkeypatch):
     """The default micro-batches: the fewest whose share on each device has at most 512 tokens on the
     CPU, one batch elsewhere; --grad_accum, when given, is taken as it is."""
-    k = lambda preset, batch, accum=None: step.micro_batches(PRESETS[preset], TrainConfig(batch_size=batch,
+    k = lambda recipe, batch, accum=None: step.micro_batches(MODELS[recipe], TrainConfig(batch_size=batch,
                                                                                          grad_accum=accum))
     assert jax.default_backend() == "cpu" and jax.device_count() == 1
     assert k("cifar", 64) == 16  # 65 tokens: 4 images, 260 tokens (8 would be 520)
-    assert k("seed", 64) == 32  # 197 tokens: 2 images, 394 tokens
+    assert k("tutorial", 64) == 32  # 197 tokens: 2 images, 394 tokens
     assert k("fast", 64) == 2  # 16 tokens: 32 images, 512 tokens
     assert k("test", 16) == 1 and k("test", 90) == 3  # 17 tokens: 16 images, 272; 30 images, 510
-    assert k("seed", 3) == 3  # not even one image fits: one each
+    assert k("tutorial", 3) == 3  # not even one image fits: one each
     assert k("cifar", 64, 1) == 1 and k("cifar", 64, 2) == 2
     monkeypatch.setattr(jax, "device_count", lambda: 4)  # 16 images per device
     assert k("cifar", 64) == 4
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert k("cifar", 64) == 1 and k("seed", 64) == 1 and k("cifar", 64, 2) == 2
+    assert k("cifar", 64) == 1 and k("tutorial", 64) == 1 and k("cifar", 64, 2) == 2

@@ -36,7 +36,7 @@ def _cli(*args, env=None, **kwargs):
 
 def test_command_line_end_to_end_on_an_archive(tmp_path, capsys, cifar_archive):
     workdir = str(tmp_path / "run")
-    args = ["--preset", "test", "--epochs", "2", "--batch_size", "16", "--log_every", "2", "--train_limit", "40",
+    args = ["--recipe", "test", "--epochs", "2", "--batch_size", "16", "--log_every", "2", "--train_limit", "40",
             "--archive", cifar_archive, "--workdir", workdir]
     train.main(args)
     out = capsys.readouterr().out
@@ -64,13 +64,13 @@ def test_command_line_end_to_end_on_an_archive(tmp_path, capsys, cifar_archive):
     best = max(rows, key=lambda r: r["test_acc"])
     assert acc == pytest.approx(best["test_acc"]) and loss == pytest.approx(best["test_loss"], rel=1e-5)
 
-    # Another preset in the same workdir is refused, naming what differs.
+    # Another recipe in the same workdir is refused, naming what differs.
     with pytest.raises(UserError, match="embed_dim: 32 -> 256"):
         train.train_and_evaluate(*config_lib.parse_args(args[:1] + ["cifar"] + args[2:]))
 
 
 def _train_cmd(archive, workdir, *extra):
-    return ("vit_jax.train", "--preset", "test", "--epochs", "2", "--batch_size", "16",
+    return ("vit_jax.train", "--recipe", "test", "--epochs", "2", "--batch_size", "16",
             "--train_limit", "96", "--test_limit", "32", "--log_every", "1",
             "--archive", archive, "--workdir", workdir, *extra)
 
@@ -129,7 +129,7 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     (["--embed_dim", "100"], "not divisible by num_heads"),
     (["--img_size", "30"], "not divisible by patch_size"),
     (["--lr", "-1"], "lr must be positive"),
-    (["--preset", "huge"], "invalid choice"),
+    (["--recipe", "huge"], "invalid choice"),
     (["--epoch", "3"], "unrecognized arguments"),
     (["--batch_size", "ten"], "invalid int value"),
     # float() reads these, and every range check passes nan: caught before they reach the loss
@@ -158,11 +158,11 @@ def test_init_from_on_a_run_that_resumes_is_refused_not_ignored(tmp_path, cifar_
     import jax
 
     workdir = str(tmp_path / "run")
-    args = ["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
+    args = ["--recipe", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
             cifar_archive, "--workdir", workdir]
     train.main(args)
     npz = str(tmp_path / "start.npz")
-    weights.save(npz, init_params(config_lib.PRESETS["test"], jax.random.key(1)), config_lib.PRESETS["test"])
+    weights.save(npz, init_params(config_lib.MODELS["test"], jax.random.key(1)), config_lib.MODELS["test"])
     with pytest.raises(UserError, match=f"holds a run with other settings \\(train.init_from: None -> '{npz}'\\)"):
         train.train_and_evaluate(*config_lib.parse_args(args + ["--init_from", npz]))
     with open(os.path.join(workdir, "config.json")) as f:
@@ -172,7 +172,7 @@ def test_init_from_on_a_run_that_resumes_is_refused_not_ignored(tmp_path, cifar_
 def test_a_second_ctrl_c_quits_at_once_in_one_line_and_loses_nothing(tmp_path, cifar_archive):
     workdir = str(tmp_path / "run")
     # The cifar model: its steps and saves take long enough for the second signal to come during them.
-    cmd = [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "cifar", "--epochs", "1", "--batch_size", "32",
+    cmd = [sys.executable, "-u", "-m", "vit_jax.train", "--recipe", "cifar", "--epochs", "1", "--batch_size", "32",
            "--train_limit", "96", "--log_every", "1", "--archive", cifar_archive, "--workdir", workdir]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -196,7 +196,7 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_ends_it(tmp_path, cifar
     """During the imports, before the run's own handler: Python's KeyboardInterrupt would show a
     traceback from inside jax, or be swallowed by one of jax's garbage-collection callbacks."""
     workdir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "vit_jax.train", "--preset", "test", "--archive", cifar_archive,
+    proc = subprocess.Popen([sys.executable, "-m", "vit_jax.train", "--recipe", "test", "--archive", cifar_archive,
                              "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     maps = pathlib.Path(f"/proc/{proc.pid}/maps")
@@ -215,7 +215,7 @@ def test_a_stop_is_acted_on_within_a_few_steps_not_after_the_queue_drains(tmp_pa
     for all of them."""
     workdir = str(tmp_path / "run")
     archive = write_cifar_archive(str(tmp_path), 640, 32, seed=2)["archive"]  # 3,200 training images
-    cmd = [sys.executable, "-u", "-m", "vit_jax.train", "--preset", "cifar", "--epochs", "1", "--batch_size", "32",
+    cmd = [sys.executable, "-u", "-m", "vit_jax.train", "--recipe", "cifar", "--epochs", "1", "--batch_size", "32",
            "--log_every", "1000", "--archive", archive, "--workdir", workdir]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # the CPU warning, after the run's fourth step, with the time of one
@@ -237,7 +237,7 @@ def test_a_stop_is_acted_on_within_a_few_steps_not_after_the_queue_drains(tmp_pa
 
 def test_a_workdir_with_checkpoints_but_no_config_is_refused_not_overwritten(tmp_path, cifar_archive):
     workdir = str(tmp_path / "run")
-    args = ["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
+    args = ["--recipe", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
             cifar_archive, "--workdir", workdir]
     train.main(args)
     os.remove(os.path.join(workdir, "config.json"))
@@ -248,7 +248,7 @@ def test_a_workdir_with_checkpoints_but_no_config_is_refused_not_overwritten(tmp
 
 def test_a_finished_run_whose_metrics_were_moved_aside_says_one_thing(tmp_path, cifar_archive, capsys):
     workdir = str(tmp_path / "run")
-    args = ["--preset", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
+    args = ["--recipe", "test", "--epochs", "1", "--batch_size", "16", "--train_limit", "32", "--archive",
             cifar_archive, "--workdir", workdir]
     train.main(args)
     os.rename(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.torn"))

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, config as config_lib, errors, workdir
-from vit_jax.config import PRESETS, TrainConfig
+from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = PRESETS["test"]
+CFG = MODELS["test"]
 
 
 def _params(seed: int):
@@ -30,7 +30,7 @@ def _params(seed: int):
 
 
 def _run_with_best(path, epochs=(1,)) -> str:
-    cfg = TrainConfig(preset="test", workdir=str(path))
+    cfg = TrainConfig(recipe="test", workdir=str(path))
     os.makedirs(path, exist_ok=True)
     workdir.write_config(str(path), cfg, CFG)
     ckpts = workdir.Checkpoints(str(path))
@@ -80,7 +80,7 @@ def test_metrics_damaged_from_outside_are_one_line_naming_the_file_and_line(tmp_
 
 
 def test_a_config_written_by_another_version_still_loads(tmp_path):
-    saved = config_lib.to_dict(TrainConfig(preset="test", epochs=3), CFG)
+    saved = config_lib.to_dict(TrainConfig(recipe="test", epochs=3), CFG)
     del saved["train"]["archive"]  # a field this version added
     saved["train"]["retired_flag"] = 1  # one a later version dropped
     (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -161,7 +161,7 @@ def test_a_damaged_best_checkpoint_says_what_works(tmp_path):
 def test_a_workdir_without_a_best_checkpoint(tmp_path):
     with pytest.raises(UserError, match="has no config.json"):
         workdir.load_best(str(tmp_path))
-    workdir.write_config(str(tmp_path), TrainConfig(preset="test"), CFG)
+    workdir.write_config(str(tmp_path), TrainConfig(recipe="test"), CFG)
     with pytest.raises(UserError, match="no best checkpoint .*train first"):
         workdir.load_best(str(tmp_path))
     assert not os.path.exists(tmp_path / "best")  # reading created nothing

@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
     images, labels = data.load_split("test", limit=a.test_limit, **data.source(a, run.cfg))
     out_dir = a.out or os.path.join(a.workdir, ANALYSIS)
     result = analyze(run.model_cfg, run.params, images, labels, out_dir,
-                     f"Best model ({run.cfg.preset}, epoch {run.meta['epoch']})", a.batch_size, run.meta["epoch"],
+                     f"Best model ({run.cfg.recipe}, epoch {run.meta['epoch']})", a.batch_size, run.meta["epoch"],
                      run.cfg.tta_flip if a.tta_flip is None else a.tta_flip)
 
     print(f"Test accuracy {result['accuracy']:.2f}% on {result['images']:,} images. Per class:")

@@ -1,4 +1,4 @@
-"""Benchmark of the train step: `python -m vit_jax.bench --preset P --batch_size B [--dtype D] [--breakdown]`.
+"""Benchmark of the train step: `python -m vit_jax.bench --recipe P --batch_size B [--dtype D] [--breakdown]`.
 
 Prints compile time, time to the first step, ms per step and images/s after warm-up, the compiled
 step's memory, and the model FLOP utilization: FLOPs counted from the model's shapes (`train_flops`)
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from vit_jax import augment, step
-from vit_jax.config import PRESETS, ModelConfig, TrainConfig
+from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError, cli
 from vit_jax.model import attention_implementation, count_params
@@ -95,14 +95,14 @@ def _random_batch(batch_size: int):
             rng.integers(0, 10, batch_size).astype(np.int32), np.ones(batch_size, np.float32))
 
 
-def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None,
+def run(recipe: str, batch_size: int, dtype: str, steps: int, warmup: int, peak: float | None,
         attention: str = "auto", grad_accum: int | None = None, profile: bool = False) -> dict:
     """Times the train step; first_step_s counts from this call (state, compile, first step).
     grad_accum: the step's micro-batches (None: the run's default, `step.micro_batches`).
     profile: also `op_times` of the step, as 'profile_ms'."""
     started = time.perf_counter()
-    model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype, attention=attention).validate()
-    cfg = TrainConfig(preset=preset, batch_size=batch_size, grad_accum=grad_accum).validate()
+    model_cfg = dataclasses.replace(MODELS[recipe], dtype=dtype, attention=attention).validate()
+    cfg = TrainConfig(recipe=recipe, batch_size=batch_size, grad_accum=grad_accum).validate()
     parallel = DataParallel.create(batch_size)
     state = parallel.replicate(step.create_train_state(model_cfg, cfg))
     metrics = parallel.replicate(step.zero_metrics())
@@ -133,7 +133,7 @@ def run(preset: str, batch_size: int, dtype: str, steps: int, warmup: int, peak:
     peak = peak or peak_tflops(device, dtype)
     n = jax.device_count()
     return {
-        "preset": preset, "batch_size": batch_size, "grad_accum": settings.grad_accum, "dtype": dtype,
+        "recipe": recipe, "batch_size": batch_size, "grad_accum": settings.grad_accum, "dtype": dtype,
         "device": f"{n} x {device.device_kind}",
         "attention": attention_implementation(model_cfg), "params": count_params(state.params),
         "compile_s": compile_s, "first_step_s": first_step_s, "ms_per_step": 1e3 * step_s,
@@ -179,13 +179,13 @@ def print_op_times(ms: dict, top: int = 12):
         print(f"    {kind:<28} {t:9.1f} ms  {100 * t / total:5.1f}%")
 
 
-def breakdown(preset: str, batch_size: int, dtype: str, steps: int, warmup: int,
+def breakdown(recipe: str, batch_size: int, dtype: str, steps: int, warmup: int,
               grad_accum: int | None = None) -> dict:
     """ms of each part of a step, each jitted alone: augmentation, forward (with the loss), backward
     (forward and backward, less the forward), optimizer update; and the whole step. The forward and
     backward take the batch in the step's micro-batches."""
-    model_cfg = dataclasses.replace(PRESETS[preset], dtype=dtype).validate()
-    cfg = TrainConfig(preset=preset, batch_size=batch_size, grad_accum=grad_accum).validate()
+    model_cfg = dataclasses.replace(MODELS[recipe], dtype=dtype).validate()
+    cfg = TrainConfig(recipe=recipe, batch_size=batch_size, grad_accum=grad_accum).validate()
     settings = step.Settings.of(model_cfg, cfg)
     k = settings.grad_accum
     state = step.create_train_state(model_cfg, cfg)
@@ -233,7 +233,7 @@ def print_breakdown(ms: dict):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vit_jax.bench", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("--preset", choices=list(PRESETS), default="seed")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
@@ -252,11 +252,11 @@ def main(argv=None):
         raise UserError("batch_size and steps must be positive, warmup non-negative")
     if a.peak_tflops is not None and not 0 < a.peak_tflops < float("inf"):
         raise UserError(f"--peak_tflops must be a positive number, got {a.peak_tflops}")
-    r = run(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
+    r = run(a.recipe, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"
     accum = f" in {r['grad_accum']} micro-batches" if r["grad_accum"] > 1 else ""
-    print(f"{r['preset']} ({r['params']:,} params) | batch {r['batch_size']}{accum} | {r['dtype']} | {r['device']} | "
+    print(f"{r['recipe']} ({r['params']:,} params) | batch {r['batch_size']}{accum} | {r['dtype']} | {r['device']} | "
           f"attention {r['attention']}")
     print(f"  compile:        {r['compile_s']:.2f} s")
     print(f"  first step at:  {r['first_step_s']:.2f} s (state, compile and one step)")
@@ -267,7 +267,7 @@ def main(argv=None):
     print(f"  MFU:            {mfu}")
     print(f"  step memory:    {memory} (arguments, outputs and temporaries of the compiled step)")
     if a.breakdown:
-        r["breakdown_ms"] = breakdown(a.preset, a.batch_size, a.dtype, a.steps, a.warmup, a.grad_accum)
+        r["breakdown_ms"] = breakdown(a.recipe, a.batch_size, a.dtype, a.steps, a.warmup, a.grad_accum)
         print_breakdown(r["breakdown_ms"])
     if a.profile:
         print_op_times(r["profile_ms"])

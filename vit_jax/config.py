@@ -1,4 +1,4 @@
-"""Configuration: the architecture (`ModelConfig`, with named presets) and the run (`TrainConfig`).
+"""Configuration: the architecture (`ModelConfig`), the run (`TrainConfig`), and the named defaults of both (`RECIPES`).
 
 Both are frozen dataclasses whose every field carries its own one-line help and, for the run,
 whether it may change when a run is resumed (`field(default, help, resumable=True)`). `parse_args`
@@ -87,32 +87,12 @@ class ModelConfig:
         return self
 
 
-PRESETS = {
-    # The PyTorch tutorial's model: 11,022,730 parameters with 10 classes.
-    "seed": ModelConfig(),
-    # Native 32x32 input with 4x4 patches (65 tokens instead of 197): trains on a CPU.
-    "cifar": ModelConfig(img_size=32, patch_size=4, embed_dim=256, depth=6, num_heads=4),
-    # Tiny, for tests.
-    "test": ModelConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
-    # The fast recipe's model: native 32x32 input, 8x8 patches (16 tokens: ~4x the images per second of
-    # 4x4 patches, which wins at budgets of minutes on a CPU), narrow (128 wide beat 192 in a 20-minute
-    # budget: more epochs), the mean of the tokens to the head. See docs/recipes.md.
-    "fast": ModelConfig(img_size=32, patch_size=8, embed_dim=128, depth=6, num_heads=2, mlp_ratio=2.0,
-                        class_token=False, global_pool="avg"),
-    # The standard sizes (Dosovitskiy et al. 2021; Touvron et al. 2021 for Ti) at 224/16.
-    "vit_ti16": ModelConfig(embed_dim=192, depth=12, num_heads=3),
-    "vit_s16": ModelConfig(embed_dim=384, depth=12, num_heads=6),
-    "vit_b16": ModelConfig(embed_dim=768, depth=12, num_heads=12),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. Defaults are the PyTorch tutorial's recipe."""
 
-    recipe: str = field("tutorial", "defaults for the run and the model (see RECIPES); every flag overrides",
-                        resumable=True)
-    preset: str = field("seed", "architecture preset (see PRESETS); model flags override its fields")
+    recipe: str = field("tutorial", "the named defaults of the model and the run (see RECIPES); every flag "
+                                    "overrides them", resumable=True)
     epochs: int = field(20, "passes over the training split")
     batch_size: int = field(64, "global batch, split over all devices of all processes")
     grad_accum: int | None = field(None, "average the gradients of this many micro-batches of batch_size / "
@@ -172,8 +152,6 @@ class TrainConfig:
         _check_finite(self)
         if self.recipe not in RECIPES:
             raise UserError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        if self.preset not in PRESETS:
-            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         for name in ("epochs", "batch_size", "log_every", "grad_accum", "heartbeat_timeout"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -220,20 +198,48 @@ def suggest_lr(lr: float) -> float:
     return min(lr / 10, 1e-3)
 
 
-# Defaults for the run and, by preset and model fields, the model; a flag given still overrides them.
+# The named defaults, of the model and the run alike: a recipe sets the fields it names, the
+# dataclasses' defaults the rest, and every flag overrides both. The runs behind each recipe are in
+# docs/recipes.md.
 RECIPES = {
-    # The PyTorch tutorial's: 224 px, patch 16, batch 64, 20 epochs, AdamW 3e-4 with weight decay 0.1 on
-    # every parameter, cosine stepped per epoch, flip and padded crop. The dataclasses' defaults.
+    # The PyTorch tutorial's: its 224-pixel model (ModelConfig's defaults, 11,022,730 parameters), batch
+    # 64, 20 epochs, AdamW 3e-4 with weight decay 0.1 on every parameter, cosine stepped per epoch, flip
+    # and padded crop (TrainConfig's defaults).
     "tutorial": {},
-    # The best test accuracy in minutes rather than hours (docs/recipes.md has the runs it was chosen by).
-    # The random flip without the crop: in runs of a few epochs the crop costs more than it gives (flip
-    # and crop: -6.6 points at 10 minutes on one core), while the flip alone keeps eleven passes from
-    # overfitting (65.25% and 65.84% against 64.73% without it at 20 minutes); for longer runs add
-    # back --crop. Batch 64: more updates, and on a CPU more images per second than 256.
-    "fast": {"preset": "fast", "epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05,
-             "schedule": "cosine", "warmup_epochs": 1.0, "decay_all": False, "label_smoothing": 0.1,
-             "grad_clip": 1.0, "tta_flip": True, "augment": True, "crop": False},
+    # The tutorial's run on native 32x32 input with 4x4 patches (65 tokens instead of 197): trains on a CPU.
+    "cifar": {"img_size": 32, "patch_size": 4, "embed_dim": 256, "depth": 6, "num_heads": 4},
+    # The best test accuracy in minutes rather than hours. The model: 8x8 patches (16 tokens, about 4x
+    # the images per second of 4x4 patches, which wins at budgets of minutes on a CPU), narrow, the
+    # mean of the tokens to the head. The run: batch 64 (more updates, and on a CPU more images per
+    # second than 256), the random flip without the crop (in runs of a dozen epochs the crop costs
+    # more than it gives; add --crop for longer ones), label smoothing, clipping, test-time flip.
+    "fast": {"img_size": 32, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 2, "mlp_ratio": 2.0,
+             "class_token": False, "global_pool": "avg",
+             "epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine",
+             "warmup_epochs": 1.0, "decay_all": False, "label_smoothing": 0.1, "grad_clip": 1.0, "tta_flip": True,
+             "augment": True, "crop": False},
+    # Tiny, for tests.
+    "test": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+    # The standard sizes (Dosovitskiy et al. 2021; Touvron et al. 2021 for Ti) at 224/16, the tutorial's run.
+    "vit_ti16": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "vit_s16": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "vit_b16": {"embed_dim": 768, "depth": 12, "num_heads": 12},
 }
+
+
+def model_of(recipe: str) -> ModelConfig:
+    """The architecture a recipe trains."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in RECIPES[recipe].items() if k in names})
+
+
+MODELS = {name: model_of(name) for name in RECIPES}  # each recipe's model, for the commands that need one
+
+
+def recipe_of(model: ModelConfig) -> str | None:
+    """The name of the recipe whose model this is, if any (the compute dtype and kernel aside)."""
+    plain = dataclasses.replace(model, dtype="float32", attention="auto")
+    return next((name for name, m in MODELS.items() if m == plain), None)
 
 
 def recipe_defaults(name: str) -> tuple["TrainConfig", ModelConfig]:
@@ -247,10 +253,10 @@ def resumable(f: dataclasses.Field) -> bool:
 
 
 def model_config(train: TrainConfig, **overrides) -> ModelConfig:
-    """The preset's architecture with the given fields replaced (None means keep)."""
+    """The recipe's architecture with the given fields replaced (None means keep)."""
     train.validate()
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(PRESETS[train.preset], **overrides).validate()
+    return dataclasses.replace(MODELS[train.recipe], **overrides).validate()
 
 
 def _flag_type(annotation):
@@ -269,16 +275,15 @@ def _add_fields(parser, cls, defaults_none: bool):
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
-        elif f.name in ("preset", "recipe"):
-            parser.add_argument(f"--{f.name}", choices=list(PRESETS if f.name == "preset" else RECIPES), default=default,
-                                help=help_text)
+        elif f.name == "recipe":
+            parser.add_argument("--recipe", choices=list(RECIPES), default=default, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=default, metavar=kind.__name__.upper(),
                                 help=help_text)
 
 
-def add_model_arguments(parser, title: str = "model (overrides the preset)"):
-    """A flag for every ModelConfig field, default None (keep the preset's): for model_config(**args)."""
+def add_model_arguments(parser, title: str = "model (overrides the recipe's)"):
+    """A flag for every ModelConfig field, default None (keep the recipe's): for model_config(**args)."""
     _add_fields(parser.add_argument_group(title), ModelConfig, defaults_none=True)
 
 

@@ -31,7 +31,7 @@ def main(argv=None):
     eval_fn = step.jit_eval_step(parallel, run.model_cfg, tta_flip)
     loss, acc = step.evaluate(eval_fn, parallel, parallel.replicate(run.params),
                               data.epoch_batches(images, labels, a.batch_size))
-    print(f"Best model of {a.workdir} (epoch {run.meta['epoch']}, {run.cfg.preset}): "
+    print(f"Best model of {a.workdir} (epoch {run.meta['epoch']}, {run.cfg.recipe}): "
           f"Test Loss: {loss:.4f} | Test Acc: {acc:.2f}% on {len(images):,} images"
           f"{' and their mirror images' if tta_flip else ''}")
     return loss, acc

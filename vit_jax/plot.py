@@ -58,7 +58,8 @@ def plot_run(workdir: str, out: str | None = None) -> str:
     """Draws DIR/metrics.jsonl to `out` (default DIR/curves.png); returns the path."""
     rows = finished_epochs(workdir)
     cfg, _ = read_config(workdir)
-    title = f"Training curves of {_name(workdir)} ({cfg.recipe} recipe, {cfg.preset} model, {len(rows)} of {cfg.epochs} epochs)"
+    length = f"--time_budget {cfg.time_budget:g} min" if cfg.time_budget else f"{len(rows)} of {cfg.epochs} epochs"
+    title = f"Training curves of {_name(workdir)} ({cfg.recipe} recipe, {length})"
     return plot_curves(rows, out or os.path.join(workdir, CURVES), title)
 
 

@@ -33,16 +33,14 @@ DATA_FILES = [(f"{ANALYSIS}/confusion.csv", "confusion matrix (CSV)"), (REPORT, 
 
 
 def reproduce_command(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
-    """The train command with the flags that differ from its recipe's defaults and from the preset.
-
-    A run whose --time_budget chose its length is given that length (--epochs ...) instead of the
-    budget: on another machine, or another day, the same budget could choose another."""
-    base, _ = parse_args(["--recipe", cfg.recipe])
-    _, base_model = parse_args(["--recipe", cfg.recipe, "--preset", cfg.preset])
+    """The train command with the flags that differ from its recipe's defaults. (With --time_budget, the
+    run's length is the budget's: on another machine, or another day, the same budget trains longer or
+    shorter.)"""
+    base, base_model = parse_args(["--recipe", cfg.recipe])
     flags = [_flag("recipe", cfg.recipe)] if cfg.recipe != "tutorial" else []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name == "workdir" or (f.name not in ("recipe", "time_budget") and value != getattr(base, f.name)):
+        if f.name == "workdir" or (f.name != "recipe" and value != getattr(base, f.name)):
             flags.append(_flag(f.name, value))
     flags += [_flag(f.name, getattr(model_cfg, f.name)) for f in dataclasses.fields(ModelConfig)
               if getattr(model_cfg, f.name) != getattr(base_model, f.name)]
@@ -84,7 +82,8 @@ def render(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig, rows: list[di
     lines = [
         f"# ViT on CIFAR-10: {os.path.basename(os.path.abspath(workdir))}",
         "",
-        f"`{cfg.preset}` preset, {num_params:,} parameters, {len(rows)} of {cfg.epochs} epochs "
+        f"`{cfg.recipe}` recipe, {num_params:,} parameters, {len(rows)} "
+        f"{f'epochs in --time_budget {cfg.time_budget:g} min' if cfg.time_budget else f'of {cfg.epochs} epochs'} "
         f"(workdir `{workdir}`; written {datetime.datetime.now():%Y-%m-%d %H:%M}).",
         "",
         *_table(["", "epoch", "test accuracy", "test loss", "train accuracy", "train loss"], [
@@ -119,7 +118,7 @@ def render(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig, rows: list[di
     lines += [
         "## Config",
         "",
-        "To reproduce" + (f" (its --time_budget {cfg.time_budget:g} chose the length):" if cfg.time_budget else ":"),
+        "To reproduce" + (" (the budget's length is this machine's):" if cfg.time_budget else ":"),
         "",
         "```bash",
         reproduce_command(cfg, model_cfg),

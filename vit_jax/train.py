@@ -155,7 +155,7 @@ def describe(run: Run, state, meta: dict, resumed: bool):
     micro = f", each in {k} micro-batches of {cfg.batch_size // k}" if k > 1 else ""
     print(f"Data: {len(run.train[0]):,} train / {len(run.test[0]):,} test images, batch size {cfg.batch_size} "
           f"({run.steps_per_epoch} batches per epoch{micro})")
-    print(f"Model: ViT {cfg.preset} img {m.img_size} patch {m.patch_size} embed {m.embed_dim} depth {m.depth} "
+    print(f"Model: ViT {cfg.recipe} img {m.img_size} patch {m.patch_size} embed {m.embed_dim} depth {m.depth} "
           f"heads {m.num_heads} mlp {m.mlp_ratio:g} {m.dtype} | {count_params(state.params):,} parameters")
     if resumed:
         print(f"Resuming from {cfg.workdir} at epoch {meta['epochs_done'] + 1}, step {int(state.step)}")

@@ -72,7 +72,7 @@ def load(path: str, config: ModelConfig) -> dict:
     if isinstance(saved, dict):
         differ = [f"{k} {saved.get(k)} -> {getattr(config, k)}" for k in ARCHITECTURE if saved.get(k) != getattr(config, k)]
         if differ:
-            raise UserError(f"{path!r} holds parameters of another model ({'; '.join(differ)}): choose the --preset "
+            raise UserError(f"{path!r} holds parameters of another model ({'; '.join(differ)}): choose the --recipe "
                             f"and model flags it was made for")
     check_fits({k: v.shape for k, v in arrays.items()}, shapes(config), f"the parameters in {path!r}")
     return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in arrays.items()}, sep="/")
