@@ -223,7 +223,9 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(run, tmp_p
     for command, out, folder, why in ((plot.main, under + "/c.png", under, "Not a directory"),
                                       (visualize_attention.main, file + "/a.png", file, "a file, not a folder"),
                                       (analyze.main, under, under, "Not a directory"),
-                                      (analyze.main, file, file, "a file, not a folder")):
+                                      (analyze.main, file, file, "a file, not a folder"),
+                                      (plot.main, str(tmp_path), str(tmp_path), "a folder, not a file"),
+                                      (visualize_attention.main, str(tmp_path), str(tmp_path), "a folder, not a file")):
         with pytest.raises(SystemExit) as e:
             command(["--workdir", run, "--out", out])
         err = capsys.readouterr().err

@@ -248,6 +248,8 @@ def test_compare_refuses_what_it_cannot_use_before_comparing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for args, message in ((["--json", str(tmp_path / "file" / "c.json")],
                            f"cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json"),
+                          (["--json", str(tmp_path)], f"cannot write to '{tmp_path}' (a folder, not a file): "
+                                                      f"choose another --json"),
                           (["--tolerance", "nan"], "--tolerance must be a non-negative number, got nan")):
         with pytest.raises(SystemExit) as e:
             compare.main(args)
@@ -291,10 +293,11 @@ def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
 
 def test_bench_refuses_a_json_path_it_cannot_write_before_timing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--preset", "test", "--json", str(tmp_path / "file" / "b.json")])
-    assert e.value.code == 2 and capsys.readouterr().err == (
-        f"error: cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json\n")
+    for path, why in ((tmp_path / "file" / "b.json", "a file, not a folder"), (tmp_path, "a folder, not a file")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--preset", "test", "--json", str(path)])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"error: cannot write to '{path.parent if path.name == 'b.json' else path}' ({why}): choose another --json\n")
 
 
 def test_torch_augment_matches_the_jax_preprocessing_without_the_random_part():
