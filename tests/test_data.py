@@ -1,6 +1,7 @@
 """The CIFAR-10 pipeline: both sources (tfds, the archive with numpy), offline preparation of tfds
 'cifar10', batching, and the command line."""
 
+import errno
 import json
 import os
 import shutil
@@ -136,6 +137,21 @@ def test_wrong_layout(small_cifar, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         prepare.prepare(str(tmp_path / "nowhere.tar.gz"), str(tmp_path / "tfds"))
     assert not (tmp_path / "tfds" / "cifar10").exists()
+
+
+def test_prepare_onto_a_read_only_disk_is_one_line(small_cifar, tmp_path, monkeypatch, capsys):
+    """As root, a folder with its write bits off can still be written: the disk's refusal is simulated."""
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(prepare.Path, "mkdir", read_only)
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["prepare", "--archive", small_cifar["archive"], "--data_dir", data_dir,
+                      "--allow_checksum_mismatch"])
+    err = capsys.readouterr().err  # after the warning that the small archive is not the official one
+    assert e.value.code == 2 and err.splitlines()[1:] == [
+        f"error: cannot write to {data_dir} (Read-only file system): choose another --data_dir"], err
 
 
 def test_load_split_offline_says_how_to_prepare(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ tfds's incomplete.* folders), so a successful prepare leaves nothing but the dat
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import shutil
 import tarfile
@@ -56,22 +57,53 @@ def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: b
         _verify_folder(folder, allow_checksum_mismatch)
     else:
         accepted = _verify_archive(path, allow_checksum_mismatch)
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root), tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=root) as scratch:
-        manual = Path(scratch, "manual")
-        manual.mkdir()
-        staged = manual / official.filename
-        if folder is not None:
-            _pack(folder, staged)
-            accepted = archive.sha256(staged)  # packed here: nobody's checksum
-        else:
-            staged.symlink_to(path.resolve())
-        if accepted is not None:  # tfds must be told the copy's checksum
-            size, sha256 = accepted
-            builder = _accepting(dataclasses.replace(official, size=size, checksum=sha256), url, data_dir)
-        config = tfds_data.tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
-        builder.download_and_prepare(download_dir=scratch, download_config=config)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _exclusive(root), tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=root) as scratch:
+            manual = Path(scratch, "manual")
+            manual.mkdir()
+            staged = manual / official.filename
+            if folder is not None:
+                _pack(folder, staged)
+                accepted = archive.sha256(staged)  # packed here: nobody's checksum
+            else:
+                staged.symlink_to(path.resolve())
+            if accepted is not None:  # tfds must be told the copy's checksum
+                size, sha256 = accepted
+                builder = _accepting(dataclasses.replace(official, size=size, checksum=sha256), url, data_dir)
+            config = tfds_data.tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
+            builder.download_and_prepare(download_dir=scratch, download_config=config)
+    except Exception as e:  # the scratch folder, the lock and tfds's incomplete folder are gone by now
+        _raise_if_unwritable(e, root)
+        raise
     return str(root)
+
+
+# What the disk said, as errno and as the words that a wrapped error (tfds's ExtractError, a
+# TensorFlow file error) keeps of it when it does not keep the OSError itself.
+UNWRITABLE = {errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied",
+              errno.EPERM: "Operation not permitted"}
+
+
+def _disk_error(error: BaseException, errnos: dict[int, str]) -> int | None:
+    """The errno among `errnos` behind `error`, however many exceptions wrap it; None if none is."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in errnos:
+            return error.errno
+        found = [n for n, words in errnos.items() if words in str(error)]
+        if found:
+            return found[0]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _raise_if_unwritable(error: BaseException, root: Path) -> None:
+    """A UserError in one line for a data_dir that cannot be written, else nothing."""
+    n = _disk_error(error, UNWRITABLE)
+    if n is not None:
+        raise UserError(f"cannot write to {root} ({UNWRITABLE[n]}): choose another --data_dir") from None
 
 
 def _accepting(info, url: str, data_dir: str | None):
