@@ -154,6 +154,33 @@ def test_prepare_onto_a_read_only_disk_is_one_line(small_cifar, tmp_path, monkey
         f"error: cannot write to {data_dir} (Read-only file system): choose another --data_dir"], err
 
 
+@pytest.mark.parametrize("where", ["extracting", "writing the dataset"])
+def test_prepare_onto_a_disk_that_fills_up_is_one_line(where, small_cifar, tmp_path, monkeypatch, capsys):
+    """tfds wraps the disk's error in its ExtractError while it extracts; TensorFlow's file errors keep
+    only its words. Either way: one line with the room needed, and nothing left behind."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where == "extracting":
+        def copy(data, path):
+            raise full
+        monkeypatch.setattr(tfds.core.download.extractor, "_copy", copy)
+    else:
+        def write(*args, **kwargs):
+            raise RuntimeError(f"tfrecord writer: {full}")
+        monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", write)
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["prepare", "--archive", small_cifar["archive"], "--data_dir", data_dir,
+                      "--allow_checksum_mismatch"])
+    err = capsys.readouterr().err  # tfds's progress bars, then the error
+    assert "Traceback" not in err and err.endswith("\n") and err.count("error:") == 1, err
+    assert e.value.code == 2 and err.splitlines()[-1:] == [
+        f"error: the disk of {data_dir} is full: preparing CIFAR-10 needs about 303 MB free there while it runs "
+        f"(142 MB stay). What it wrote is removed; free some space, or choose another --data_dir, and run the "
+        f"same command again"], err
+    left = [os.path.relpath(os.path.join(d, n), data_dir) for d, dirs, files in os.walk(data_dir) for n in dirs + files]
+    assert not [p for p in left if p.startswith(prepare.SCRATCH_PREFIX) or "incomplete" in p], left
+
+
 def test_load_split_offline_says_how_to_prepare(tmp_path, monkeypatch):
     # An https proxy that refuses connections: no network, whatever this machine has.
     for name in ("https_proxy", "HTTPS_PROXY"):
