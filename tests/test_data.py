@@ -312,6 +312,19 @@ def test_prepare_into_a_file_says_to_give_a_folder(small_cifar):
     assert "is a file, not a folder" in run.stderr and os.path.getsize(small_cifar["archive"]) == before
 
 
+def test_training_from_a_file_as_data_dir_says_it_is_a_file(small_cifar, tmp_path, capsys):
+    """Not that CIFAR-10 is not prepared there (nor a download attempted): prepare's words, from one check."""
+    from vit_jax import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "test", "--epochs", "1", "--data_dir", small_cifar["archive"],
+                    "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (
+        f"error: --data_dir {small_cifar['archive']} is a file, not a folder: give the folder that holds the "
+        f"prepared dataset (or is to hold it; it is created if missing), and an archive as --archive\n"), err
+
+
 def test_a_killed_prepare_leaves_nothing_that_the_next_one_does_not_remove(tmp_path):
     from conftest import write_cifar_archive
     source = write_cifar_archive(str(tmp_path / "src"), 400, 400, seed=2)  # big enough to kill midway

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vit_jax import archive
+from vit_jax import archive, data
 from vit_jax.errors import UserError, cli
 
 # tfds_data (TensorFlow, seconds to import) is imported where it is used, after the arguments are
@@ -40,9 +40,7 @@ def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: b
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{source} does not exist; {archive.EXPECTED}")
-    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise UserError(f"--data_dir {data_dir} is a file, not a folder: give the folder to prepare the "
-                        f"dataset in (it is created if missing), and the archive as --archive")
+    data.check_data_dir(data_dir)
     from vit_jax import tfds_data
 
     builder = tfds_data.builder(data_dir)
