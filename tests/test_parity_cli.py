@@ -163,14 +163,20 @@ def test_init_from_refuses_what_is_not_for_this_model(tmp_path, cifar_archive, c
     weights.save(cifar, _random_params("cifar"), PRESETS["cifar"])
     pth = str(tmp_path / "model.pth")
     torch.save(_torch_model().state_dict(), pth)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    os.rename(tmp_path / "array.npy", tmp_path / "array.npz")
     for init_from, message in ((cifar, "holds parameters of another model (patch_size 4 -> 8; embed_dim 256 -> 32"),
                                (pth, "is a PyTorch checkpoint: convert it first with python -m parity.convert"),
-                               (str(tmp_path / "none.npz"), "no parameters file at")):
+                               (str(tmp_path / "none.npz"), "no parameters file at"),
+                               (str(tmp_path / "empty.npz"), "empty.npz' is not a parameters file (No data left"),
+                               (str(tmp_path / "array.npz"), "array.npz' is not a parameters file (it holds one "
+                                                             "array (.npy), not named arrays (.npz))")):
         with pytest.raises(SystemExit) as exit_:
             train.main(["--preset", "test", "--epochs", "1", "--workdir", str(tmp_path / "run"), "--archive",
                         cifar_archive, "--init_from", init_from])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and message in err, err
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("content, message", [
