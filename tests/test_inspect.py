@@ -108,6 +108,10 @@ def test_visualize_attention_command(run, tmp_path, capsys):
     assert _png_size(tmp_path / "own.png") == visualize_attention.figure_size(1, PRESETS["test"].num_heads)
     assert "notes.txt is not an image" in capsys.readouterr().err
 
+    out = visualize_attention.main(["--workdir", run, "--num_images", "1", "--out", str(tmp_path / "named")])
+    assert out["path"] == str(tmp_path / "named.png") and os.path.isfile(out["path"])
+    assert f"Wrote {out['path']}\n" in capsys.readouterr().out
+
 
 # --------------------------------------------------------------------------------------------------
 # Error analysis
@@ -195,9 +199,13 @@ def _synthetic_run(run, tmp_path, accs):
     return str(workdir)
 
 
-def test_plot_curves(run, tmp_path):
+def test_plot_curves(run, tmp_path, capsys):
     out = plot.main(["--workdir", run])
     assert out == os.path.join(run, "curves.png") and _png_size(out) == plot.CURVES_PX
+    # A name without an extension: matplotlib writes NAME.png, and that is the path reported.
+    out = plot.main(["--workdir", run, "--out", str(tmp_path / "curves")])
+    assert out == str(tmp_path / "curves.png") and _png_size(out) == plot.CURVES_PX
+    assert capsys.readouterr().out.splitlines()[-1] == f"Wrote {out}"
     # A run still going: one epoch done so far.
     partial = _synthetic_run(run, tmp_path, [12.5])
     assert _png_size(plot.plot_run(partial)) == plot.CURVES_PX

@@ -87,8 +87,8 @@ def plot_comparison(workdirs: list[str], out: str) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(prog="python -m vit_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run to draw")
-    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/curves.png, or with --compare "
-                                                    "WORKDIR/compare.png)")
+    parser.add_argument("--out", default=None, help="PNG to write, .png added to a name without an extension "
+                                                    "(default: WORKDIR/curves.png, or with --compare WORKDIR/compare.png)")
     parser.add_argument("--compare", nargs="+", metavar="WORKDIR", default=None,
                         help="other runs to draw beside --workdir's, against wall-clock minutes")
     a = parser.parse_args(argv)

@@ -74,8 +74,8 @@ def visualize(model_cfg, params, images: np.ndarray, names: list[str], out: str,
         labels.append(f"{first}\n{guess}")
     maps = attention.rollout(attn, model_cfg.class_token)
     heads = attention.head_attention(attn, model_cfg.class_token)
-    draw(images, maps, heads, labels, out, title)
-    return {"path": out, "rollout": maps, "heads": heads, "probs": probs}
+    path = draw(images, maps, heads, labels, out, title)
+    return {"path": path, "rollout": maps, "heads": heads, "probs": probs}
 
 
 @cli
@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
     data.add_source_arguments(parser)
     parser.add_argument("--num_images", type=int, default=8, help="how many test images, from the first")
     parser.add_argument("--images", nargs="+", metavar="IMAGE", help="your own images instead of test images")
-    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/attention.png)")
+    parser.add_argument("--out", default=None, help="PNG to write, .png added to a name without an extension "
+                                                    "(default: WORKDIR/attention.png)")
     a = parser.parse_args(argv)
     if a.num_images <= 0:
         raise UserError(f"--num_images must be positive, got {a.num_images}")
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
              f"{meta['test_acc']:.1f}%; {model_cfg.depth} layers, {model_cfg.num_heads} heads, a {g}x{g} grid of "
              f"{model_cfg.patch_size}x{model_cfg.patch_size}-pixel patches)")
     result = visualize(model_cfg, run.params, images, names, out, title, true_labels)
-    print(f"Wrote {out}")
+    print(f"Wrote {result['path']}")
     return result
 
 
