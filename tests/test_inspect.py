@@ -276,6 +276,24 @@ def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):
     assert "102 images/s in training, mean of epochs 2 to 4 (epoch 1, compilation included: 100)" in text
 
 
+def test_summary_commands_quote_paths_with_spaces():
+    import dataclasses
+    import shlex
+
+    from vit_jax.config import parse_args
+
+    cfg, model_cfg = parse_args(["--preset", "test", "--workdir", "my runs/a'b", "--archive", "/data/cifar 10.tar.gz"])
+    command = summary.reproduce_command(cfg, model_cfg)
+    args = shlex.split(command)  # as a shell reads the line pasted from summary.md
+    assert args[:3] == ["python", "-m", "vit_jax.train"]
+    assert parse_args(args[3:]) == (cfg, model_cfg)
+    rows = [{"epoch": 1, "lr": 1e-3, "train_loss": 2.0, "train_acc": 10.0, "test_loss": 2.1, "test_acc": 12.0,
+             "seconds": 10.0, "images_per_sec": 100.0}]
+    text = summary.render(cfg.workdir, dataclasses.replace(cfg, epochs=1), model_cfg, rows, "cpu", 1, {"tensorboard"})
+    assert "`python -m vit_jax.plot --workdir 'my runs/a'\"'\"'b'`" in text
+    assert "`tensorboard --logdir 'my runs/a'\"'\"'b/tensorboard'`" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # Predictions on your own images
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 
 import jax
 
@@ -52,7 +53,7 @@ def reproduce_command(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
 def _flag(name: str, value) -> str:
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
-    return "" if value is None else f"--{name} {value}"
+    return "" if value is None else f"--{name} {shlex.quote(str(value))}"  # a path may hold spaces
 
 
 def _duration(seconds: float) -> str:
@@ -107,12 +108,12 @@ def render(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig, rows: list[di
         if path in existing:
             lines += [f"**{what}** (`{path}`)", "", f"![{what}]({path})", ""]
         else:
-            missing.setdefault(command.format(workdir=workdir), []).append(what.lower())
+            missing.setdefault(command.format(workdir=shlex.quote(workdir)), []).append(what.lower())
     data_links = [f"[{what}]({path})" for path, what in DATA_FILES if path in existing]
     if data_links:
         lines += ["Numbers: " + ", ".join(data_links), ""]
     if TENSORBOARD in existing:
-        lines += [f"TensorBoard: `tensorboard --logdir {os.path.join(workdir, TENSORBOARD)}`", ""]
+        lines += [f"TensorBoard: `tensorboard --logdir {shlex.quote(os.path.join(workdir, TENSORBOARD))}`", ""]
     if missing:
         lines += ["Not made yet:", "", *(f"- {', '.join(whats)}: `{command}`" for command, whats in missing.items()), ""]
     model_fields = dataclasses.asdict(model_cfg)
