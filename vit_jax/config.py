@@ -12,7 +12,7 @@ import math
 import types
 import typing
 
-from vit_jax.errors import UserError
+from vit_jax.errors import CommandParser, UserError
 
 
 def field(default, help: str, *, resumable: bool = False):
@@ -278,7 +278,7 @@ def add_model_arguments(parser, title: str = "model (overrides the preset)"):
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with a flag for every TrainConfig and ModelConfig field."""
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.train", description=description,
+    parser = CommandParser(prog="python -m vit_jax.train", description=description,
                                      allow_abbrev=False)  # --epoch is a typo
     _add_fields(parser.add_argument_group("run"), TrainConfig, defaults_none=False)
     add_model_arguments(parser)
@@ -291,7 +291,7 @@ def parse_args(argv=None, description: str = "Train a ViT on CIFAR-10.") -> tupl
     --recipe NAME first sets the defaults of the flags it names (run and model alike); the flags
     given on the command line then override them."""
     parser = build_parser(description)
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first = CommandParser(prog="python -m vit_jax.train", add_help=False, allow_abbrev=False)
     first.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
     parser.set_defaults(**RECIPES[first.parse_known_args(argv)[0].recipe])
     args = vars(parser.parse_args(argv))

@@ -8,13 +8,13 @@ import argparse
 
 from vit_jax import data, step
 from vit_jax.devices import DataParallel
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.workdir import load_best
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.evaluate", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints")
     data.add_source_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=256)

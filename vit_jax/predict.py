@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vit_jax import data, step
 from vit_jax.config import ModelConfig
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.workdir import load_best
 
 CIFAR_SIDE = 32
@@ -89,7 +89,7 @@ def top_k(probs: np.ndarray, names, k: int = 3) -> list[tuple[str, float]]:
 @cli
 def main(argv=None) -> dict:
     """Prints the top classes of each image; returns {path: probabilities (C,), or None if unreadable}."""
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.predict", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files in any format Pillow reads")
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
     parser.add_argument("--top", type=int, default=3, help="how many classes to print per image")

@@ -8,7 +8,6 @@ data_dir (a lock), and each one first removes what a killed one left behind (its
 tfds's incomplete.* folders), so a successful prepare leaves nothing but the dataset.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import errno
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 from vit_jax import archive, data
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 
 # tfds_data (TensorFlow, seconds to import) is imported where it is used, after the arguments are
 # checked: a wrong path is one line at once, not after TensorFlow's start-up.
@@ -185,7 +184,7 @@ def _pack(folder: Path, out: Path) -> None:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.data", description="CIFAR-10 for tfds, offline.")
+    parser = CommandParser(prog="python -m vit_jax.data", description="CIFAR-10 for tfds, offline.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="prepare tfds 'cifar10' from a local copy of the official archive")
     p.add_argument("--archive", required=True,

@@ -5,7 +5,6 @@ time and images/s, the hardware, and links to the pictures the inspection comman
 Training writes it when it ends; run this to refresh it after making more pictures.
 """
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -17,7 +16,7 @@ import jax
 from vit_jax import plot
 from vit_jax.config import ModelConfig, TrainConfig, parse_args
 from vit_jax.devices import describe_devices
-from vit_jax.errors import cli
+from vit_jax.errors import CommandParser, cli
 from vit_jax.model import count_params, init_params
 from vit_jax.workdir import ANALYSIS, ATTENTION, CURVES, SUMMARY, TENSORBOARD, finished_epochs, read_config, write_atomic
 
@@ -167,7 +166,7 @@ def write_summary(workdir: str, device: str | None = None, curves: bool = True) 
 
 @cli
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.summary", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run to summarize")
     parser.add_argument("--device", default=None,
                         help="the hardware it trained on, in words (default: this machine's devices)")

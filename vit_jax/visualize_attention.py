@@ -6,13 +6,12 @@ and laid over it. Test images by default (`--num_images N`), or your own (`--ima
 Written to DIR/attention.png unless `--out` says otherwise.
 """
 
-import argparse
 import os
 
 import numpy as np
 
 from vit_jax import attention, data
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, load_images, softmax
 from vit_jax.workdir import ATTENTION, check_output, load_best
@@ -80,7 +79,7 @@ def visualize(model_cfg, params, images: np.ndarray, names: list[str], out: str,
 
 @cli
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.visualize_attention",
+    parser = CommandParser(prog="python -m vit_jax.visualize_attention",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
     data.add_source_arguments(parser)
