@@ -128,6 +128,8 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     (["--embed_dim", "100"], "not divisible by num_heads"),
     (["--img_size", "30"], "not divisible by patch_size"),
     (["--lr", "-1"], "lr must be positive"),
+    (["--recipe", "fast", "--epochs", "1"],
+     "warmup_epochs (1.0) must be less than epochs (1): pass --warmup_epochs 0.5, or more --epochs"),
     (["--preset", "huge"], "invalid choice"),
     (["--epoch", "3"], "unrecognized arguments"),
     (["--batch_size", "ten"], "invalid int value"),

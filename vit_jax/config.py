@@ -186,7 +186,8 @@ class TrainConfig:
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.schedule != "cosine"):
             raise UserError("warmup_epochs needs --schedule cosine and must be non-negative")
         if self.warmup_epochs >= self.epochs:
-            raise UserError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+            raise UserError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs}): pass "
+                            f"--warmup_epochs {self.epochs / 2:g}, or more --epochs")
         if self.patience < 0:
             raise UserError(f"patience must be 0 (off) or positive, got {self.patience}")
         if self.save_every < 0:
