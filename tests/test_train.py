@@ -145,6 +145,12 @@ def test_bad_settings_fail_at_once_with_one_clear_message(args, message, capsys)
     assert message in capsys.readouterr().err
 
 
+def test_the_learning_rate_suggested_after_divergence_is_a_tenth_and_never_above_the_recipes():
+    assert config_lib.suggest_lr(1e6) == 1e-3  # not 1e5, which diverges again
+    assert config_lib.suggest_lr(1e-2) == pytest.approx(1e-3)
+    assert config_lib.suggest_lr(3e-4) == pytest.approx(3e-5)
+
+
 def test_a_bad_setting_is_one_line_and_no_traceback_from_the_process():
     run = _cli("vit_jax.train", "--embed_dim", "100")
     assert run.returncode == 2 and "Traceback" not in run.stderr

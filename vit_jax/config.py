@@ -215,6 +215,12 @@ class TrainConfig:
         return self
 
 
+def suggest_lr(lr: float) -> float:
+    """The learning rate to suggest after `lr` diverged: a tenth of it, but at most 1e-3, the highest
+    rate of the recipes (fast's). A tenth of a rate far too high (1e6) would diverge again."""
+    return min(lr / 10, 1e-3)
+
+
 # Defaults for the run and, by preset and model fields, the model; a flag given still overrides them.
 RECIPES = {
     # The PyTorch tutorial's: 224 px, patch 16, batch 64, 20 epochs, AdamW 3e-4 with weight decay 0.1 on
