@@ -91,13 +91,13 @@ def main(argv=None) -> dict:
     if a.num_images <= 0:
         raise UserError(f"--num_images must be positive, got {a.num_images}")
 
+    loaded = load_images(a.images) if a.images else None
     run = load_best(a.workdir)
     if a.out:
         check_output(a.out)
     cfg, model_cfg, meta = run.cfg, run.model_cfg, run.meta
     true_labels = None
-    if a.images:
-        loaded = load_images(a.images)  # a file that is not an image is skipped with a message
+    if loaded:
         images = np.stack(list(loaded.values()))
         names = [os.path.basename(p) for p in loaded]
     else:
