@@ -172,6 +172,24 @@ def test_evaluate_analyze_and_predict_evaluate_as_the_run_did(run, cifar_archive
                                logits[True], rtol=1e-5, atol=1e-5)
 
 
+def test_evaluate_says_which_test_images_and_which_the_run_evaluated(run, tmp_path, capsys):
+    """The full test split by default, said so; and the run's --test_limit, whose images gave its best accuracy."""
+    limited = str(tmp_path / "limited")
+    shutil.copytree(run, limited)
+    config = json.loads(pathlib.Path(limited, "config.json").read_text())
+    config["train"]["test_limit"] = 16
+    pathlib.Path(limited, "config.json").write_text(json.dumps(config))
+    for workdir, flags, said in [
+            (run, [], "on all 32 test images\n"),
+            (limited, [], "on all 32 test images (the run evaluated its first 16: --test_limit 16)\n"),
+            (limited, ["--test_limit", "8"], "on the first 8 test images (the run evaluated its first 16: "
+                                             "--test_limit 16)\n"),
+            (limited, ["--test_limit", "16"], "on the first 16 test images\n")]:
+        evaluate.main(["--workdir", workdir, *flags])
+        out = capsys.readouterr().out
+        assert out.endswith(said), (flags, out)
+
+
 def test_error_grid_shows_the_surest_mistakes_a_few_per_pair():
     labels = np.array([0, 0, 0, 0, 0, 1, 2])
     preds = np.array([1, 1, 1, 1, 0, 2, 2])
