@@ -71,13 +71,10 @@ def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: b
             config = tfds_data.tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
             builder.download_and_prepare(download_dir=scratch, download_config=config)
     except Exception as e:  # the scratch folder, the lock and tfds's incomplete folder are gone by now
-        _raise_if_unwritable(e, root)
-        if _disk_error(e, FULL) is not None:
-            need = (PEAK_BYTES + (PACKED_BYTES if folder is not None else 0)) / 1e6
-            raise UserError(f"the disk of {root} is full: preparing CIFAR-10 needs about {need:,.0f} MB free there "
-                            f"while it runs ({KEPT_BYTES / 1e6:,.0f} MB stay). What it wrote is removed; free some "
-                            f"space, or choose another --data_dir, and run the same command again") from None
-        raise
+        problem = _disk_problem(e, root, from_folder=folder is not None)
+        if problem is None:
+            raise
+        raise problem from None
     return str(root)
 
 
@@ -107,11 +104,17 @@ def _disk_error(error: BaseException, errnos: dict[int, str]) -> int | None:
     return None
 
 
-def _raise_if_unwritable(error: BaseException, root: Path) -> None:
-    """A UserError in one line for a data_dir that cannot be written, else nothing."""
+def _disk_problem(error: BaseException, root: Path, from_folder: bool) -> UserError | None:
+    """One line for a data_dir that cannot be written or that filled up, else None."""
     n = _disk_error(error, UNWRITABLE)
     if n is not None:
-        raise UserError(f"cannot write to {root} ({UNWRITABLE[n]}): choose another --data_dir") from None
+        return UserError(f"cannot write to {root} ({UNWRITABLE[n]}): choose another --data_dir")
+    if _disk_error(error, FULL) is not None:
+        need = (PEAK_BYTES + (PACKED_BYTES if from_folder else 0)) / 1e6
+        return UserError(f"the disk of {root} is full: preparing CIFAR-10 needs about {need:,.0f} MB free there "
+                         f"while it runs ({KEPT_BYTES / 1e6:,.0f} MB stay). What it wrote is removed; free some "
+                         f"space, or choose another --data_dir, and run the same command again")
+    return None
 
 
 def _accepting(info, url: str, data_dir: str | None):
