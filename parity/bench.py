@@ -30,7 +30,7 @@ from vit_jax import augment
 from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import MODELS, RECIPES, TrainConfig
-from vit_jax.errors import UserError, cli, reason
+from vit_jax.errors import CommandParser, UserError, cli, reason
 from vit_jax.workdir import atomic_open, check_output
 
 MEAN = torch.tensor(augment.MEAN).view(1, 3, 1, 1)
@@ -154,7 +154,7 @@ def cpu_name() -> str:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = CommandParser(prog="python -m parity.bench", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after warm-up")

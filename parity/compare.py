@@ -16,7 +16,6 @@ the gradients first when the run used --grad_clip). Accuracies and the argmax ag
 percentages, in the table and in --json.
 """
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -32,7 +31,7 @@ from parity.model import VisionTransformer as TorchViT
 from parity.port import flax_to_torch, read_torch_checkpoint, torch_to_flax
 from vit_jax import augment, data, step
 from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig, recipe_of
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.model import VisionTransformer as FlaxViT, init_params
 from vit_jax.workdir import atomic_open, check_output, load_best
 
@@ -282,7 +281,7 @@ def _devices(which: str):
 
 @cli
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = CommandParser(prog="python -m parity.compare", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--workdir", default=None, help="compare this training run's best model")
     parser.add_argument("--checkpoint", default=None, help="compare this PyTorch checkpoint (.pth)")
     parser.add_argument("--recipe", choices=list(RECIPES), default="test",

@@ -10,14 +10,13 @@ port.py, and writes the Flax parameters as a .npz (vit_jax.weights). Then fine-t
 The model is the config saved in the .pth (parity.export writes one), else --recipe and the model flags.
 """
 
-import argparse
 import dataclasses
 import os
 
 from parity.port import load_torch_checkpoint, read_torch_checkpoint
 from vit_jax import config as config_lib, weights
 from vit_jax.config import RECIPES, ModelConfig, recipe_of
-from vit_jax.errors import UserError, cli, reason
+from vit_jax.errors import CommandParser, UserError, cli, reason
 from vit_jax.model import count_params
 
 
@@ -45,7 +44,7 @@ def convert(path: str, model_cfg: ModelConfig, out: str | None = None) -> str:
 
 @cli
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m parity.convert", description=__doc__.splitlines()[0],
+    parser = CommandParser(prog="python -m parity.convert", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("checkpoint", help="a .pth: this project's, the PyTorch tutorial's, or a bare state_dict")
     parser.add_argument("--out", default=None, help="the .npz to write (default: the checkpoint's name, .npz)")

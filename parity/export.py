@@ -10,14 +10,13 @@ so `torch.load(path, weights_only=True)` reads it, and so do the tutorial's line
 with `VisionTransformer` from `parity.model` or timm (the keys are timm's).
 """
 
-import argparse
 import dataclasses
 import os
 
 import torch
 
 from parity.port import flax_to_torch
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.workdir import EXPORT, atomic_open, load_best
 
 
@@ -42,7 +41,7 @@ def export(workdir: str, out: str | None = None) -> str:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m parity.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="checkpoints", help="the --workdir of a training run")
     parser.add_argument("--out", default=None, help="where to write (default: WORKDIR/best_model.pth)")
     a = parser.parse_args(argv)

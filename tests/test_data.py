@@ -1,6 +1,7 @@
 """The CIFAR-10 pipeline: both sources (tfds, the archive with numpy), offline preparation of tfds
 'cifar10', batching, and the command line."""
 
+import errno
 import json
 import os
 import shutil
@@ -138,6 +139,48 @@ def test_wrong_layout(small_cifar, tmp_path):
     assert not (tmp_path / "tfds" / "cifar10").exists()
 
 
+def test_prepare_onto_a_read_only_disk_is_one_line(small_cifar, tmp_path, monkeypatch, capsys):
+    """As root, a folder with its write bits off can still be written: the disk's refusal is simulated."""
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(prepare.Path, "mkdir", read_only)
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["prepare", "--archive", small_cifar["archive"], "--data_dir", data_dir,
+                      "--allow_checksum_mismatch"])
+    err = capsys.readouterr().err  # after the warning that the small archive is not the official one
+    assert e.value.code == 2 and err.splitlines()[1:] == [
+        f"error: cannot write to {data_dir} (Read-only file system): choose another --data_dir"], err
+
+
+@pytest.mark.parametrize("where", ["extracting", "writing the dataset"])
+def test_prepare_onto_a_disk_that_fills_up_is_one_line(where, small_cifar, tmp_path, monkeypatch, capsys):
+    """tfds wraps the disk's error in its ExtractError while it extracts; TensorFlow's file errors keep
+    only its words. Either way: one line with the room needed, and nothing left behind."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where == "extracting":
+        def copy(data, path):
+            raise full
+        monkeypatch.setattr(tfds.core.download.extractor, "_copy", copy)
+    else:
+        def write(*args, **kwargs):
+            raise RuntimeError(f"tfrecord writer: {full}")
+        monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", write)
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["prepare", "--archive", small_cifar["archive"], "--data_dir", data_dir,
+                      "--allow_checksum_mismatch"])
+    err = capsys.readouterr().err  # tfds's progress bars, then the error
+    assert "Traceback" not in err and err.endswith("\n") and err.count("error:") == 1, err
+    assert e.value.code == 2 and err.splitlines()[-1:] == [
+        f"error: the disk of {data_dir} is full: preparing CIFAR-10 needs about 303 MB free there while it runs "
+        f"(142 MB stay). What it wrote is removed; free some space, or choose another --data_dir, and run the "
+        f"same command again"], err
+    left = [os.path.relpath(os.path.join(d, n), data_dir) for d, dirs, files in os.walk(data_dir) for n in dirs + files]
+    assert not [p for p in left if p.startswith(prepare.SCRATCH_PREFIX) or "incomplete" in p], left
+
+
 def test_load_split_offline_says_how_to_prepare(tmp_path, monkeypatch):
     # An https proxy that refuses connections: no network, whatever this machine has.
     for name in ("https_proxy", "HTTPS_PROXY"):
@@ -267,6 +310,19 @@ def test_prepare_into_a_file_says_to_give_a_folder(small_cifar):
                "--allow_checksum_mismatch", without_tensorflow=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "is a file, not a folder" in run.stderr and os.path.getsize(small_cifar["archive"]) == before
+
+
+def test_training_from_a_file_as_data_dir_says_it_is_a_file(small_cifar, tmp_path, capsys):
+    """Not that CIFAR-10 is not prepared there (nor a download attempted): prepare's words, from one check."""
+    from vit_jax import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--recipe", "test", "--epochs", "1", "--data_dir", small_cifar["archive"],
+                    "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (
+        f"error: --data_dir {small_cifar['archive']} is a file, not a folder: give the folder that holds the "
+        f"prepared dataset (or is to hold it; it is created if missing), and an archive as --archive\n"), err
 
 
 def test_a_killed_prepare_leaves_nothing_that_the_next_one_does_not_remove(tmp_path):

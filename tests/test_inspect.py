@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import analyze, attention, data, evaluate, plot, predict, step, summary, train, visualize_attention
-from vit_jax.config import MODELS, RECIPES, ModelConfig
+from vit_jax.config import MODELS, ModelConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
 from vit_jax.workdir import load_best
@@ -100,13 +100,15 @@ def test_visualize_attention_command(run, tmp_path, capsys):
     assert (out["rollout"] >= 0).all()
     np.testing.assert_allclose(out["rollout"].sum(axis=(1, 2)), 1.0, rtol=1e-9)
 
-    # Your own images; a file that is not one is skipped with a message.
+    # Your own images.
     Image.new("RGB", (90, 60), "orange").save(tmp_path / "mine.jpg")
-    (tmp_path / "notes.txt").write_text("not an image")
     out = visualize_attention.main(["--workdir", run, "--images", str(tmp_path / "mine.jpg"),
-                                    str(tmp_path / "notes.txt"), "--out", str(tmp_path / "own.png")])
+                                    "--out", str(tmp_path / "own.png")])
     assert _png_size(tmp_path / "own.png") == visualize_attention.figure_size(1, MODELS["test"].num_heads)
-    assert "notes.txt is not an image" in capsys.readouterr().err
+
+    out = visualize_attention.main(["--workdir", run, "--num_images", "1", "--out", str(tmp_path / "named")])
+    assert out["path"] == str(tmp_path / "named.png") and os.path.isfile(out["path"])
+    assert f"Wrote {out['path']}\n" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +172,24 @@ def test_evaluate_analyze_and_predict_evaluate_as_the_run_did(run, cifar_archive
                                logits[True], rtol=1e-5, atol=1e-5)
 
 
+def test_evaluate_says_which_test_images_and_which_the_run_evaluated(run, tmp_path, capsys):
+    """The full test split by default, said so; and the run's --test_limit, whose images gave its best accuracy."""
+    limited = str(tmp_path / "limited")
+    shutil.copytree(run, limited)
+    config = json.loads(pathlib.Path(limited, "config.json").read_text())
+    config["train"]["test_limit"] = 16
+    pathlib.Path(limited, "config.json").write_text(json.dumps(config))
+    for workdir, flags, said in [
+            (run, [], "on all 32 test images\n"),
+            (limited, [], "on all 32 test images (the run evaluated its first 16: --test_limit 16)\n"),
+            (limited, ["--test_limit", "8"], "on the first 8 test images (the run evaluated its first 16: "
+                                             "--test_limit 16)\n"),
+            (limited, ["--test_limit", "16"], "on the first 16 test images\n")]:
+        evaluate.main(["--workdir", workdir, *flags])
+        out = capsys.readouterr().out
+        assert out.endswith(said), (flags, out)
+
+
 def test_error_grid_shows_the_surest_mistakes_a_few_per_pair():
     labels = np.array([0, 0, 0, 0, 0, 1, 2])
     preds = np.array([1, 1, 1, 1, 0, 2, 2])
@@ -195,9 +215,13 @@ def _synthetic_run(run, tmp_path, accs):
     return str(workdir)
 
 
-def test_plot_curves(run, tmp_path):
+def test_plot_curves(run, tmp_path, capsys):
     out = plot.main(["--workdir", run])
     assert out == os.path.join(run, "curves.png") and _png_size(out) == plot.CURVES_PX
+    # A name without an extension: matplotlib writes NAME.png, and that is the path reported.
+    out = plot.main(["--workdir", run, "--out", str(tmp_path / "curves")])
+    assert out == str(tmp_path / "curves.png") and _png_size(out) == plot.CURVES_PX
+    assert capsys.readouterr().out.splitlines()[-1] == f"Wrote {out}"
     # A run still going: one epoch done so far.
     partial = _synthetic_run(run, tmp_path, [12.5])
     assert _png_size(plot.plot_run(partial)) == plot.CURVES_PX
@@ -223,7 +247,9 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(run, tmp_p
     for command, out, folder, why in ((plot.main, under + "/c.png", under, "Not a directory"),
                                       (visualize_attention.main, file + "/a.png", file, "a file, not a folder"),
                                       (analyze.main, under, under, "Not a directory"),
-                                      (analyze.main, file, file, "a file, not a folder")):
+                                      (analyze.main, file, file, "a file, not a folder"),
+                                      (plot.main, str(tmp_path), str(tmp_path), "a folder, not a file"),
+                                      (visualize_attention.main, str(tmp_path), str(tmp_path), "a folder, not a file")):
         with pytest.raises(SystemExit) as e:
             command(["--workdir", run, "--out", out])
         err = capsys.readouterr().err
@@ -266,6 +292,24 @@ def test_summary_names_the_best_epoch_of_metrics(run, tmp_path):
     assert "102 images/s in training, mean of epochs 2 to 4 (epoch 1, compilation included: 100)" in text
 
 
+def test_summary_commands_quote_paths_with_spaces():
+    import dataclasses
+    import shlex
+
+    from vit_jax.config import parse_args
+
+    cfg, model_cfg = parse_args(["--recipe", "test", "--workdir", "my runs/a'b", "--archive", "/data/cifar 10.tar.gz"])
+    command = summary.reproduce_command(cfg, model_cfg)
+    args = shlex.split(command)  # as a shell reads the line pasted from summary.md
+    assert args[:3] == ["python", "-m", "vit_jax.train"]
+    assert parse_args(args[3:]) == (cfg, model_cfg)
+    rows = [{"epoch": 1, "lr": 1e-3, "train_loss": 2.0, "train_acc": 10.0, "test_loss": 2.1, "test_acc": 12.0,
+             "seconds": 10.0, "images_per_sec": 100.0}]
+    text = summary.render(cfg.workdir, dataclasses.replace(cfg, epochs=1), model_cfg, rows, "cpu", 1, {"tensorboard"})
+    assert "`python -m vit_jax.plot --workdir 'my runs/a'\"'\"'b'`" in text
+    assert "`tensorboard --logdir 'my runs/a'\"'\"'b/tensorboard'`" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # Predictions on your own images
 
@@ -281,20 +325,17 @@ def test_load_image_reduces_like_cifar(tmp_path):
     assert (predict.load_image(str(tmp_path / "clear.png")) == 255).all()
 
 
-def test_predict_probabilities_and_a_file_that_is_not_an_image(run, tmp_path, capsys):
+def test_predict_probabilities(run, tmp_path, capsys):
     rgba = np.random.default_rng(0).integers(0, 256, (300, 500, 4), np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "big.png")
     Image.new("L", (50, 80), 128).save(tmp_path / "gray.jpg")
-    (tmp_path / "notes.txt").write_text("not an image")
-    files = [str(tmp_path / n) for n in ("big.png", "notes.txt", "gray.jpg", "missing.bmp")]
+    files = [str(tmp_path / n) for n in ("big.png", "gray.jpg")]
     results = predict.main(["--workdir", run, *files])
     assert list(results) == files
-    assert results[files[1]] is None and results[files[3]] is None
-    for f in (files[0], files[2]):
+    for f in files:
         assert results[f].shape == (10,) and (results[f] >= 0).all()
         assert results[f].sum() == pytest.approx(1.0, abs=1e-9)
-    out, err = capsys.readouterr()
-    assert "notes.txt is not an image" in err and "missing.bmp" in err
+    out = capsys.readouterr().out
     top = predict.top_k(results[files[0]], data.CLASS_NAMES)
     assert f"big.png: {top[0][0]} {100 * top[0][1]:.1f}% | {top[1][0]}" in out
     assert out.count("%") == 2 * 3 + 1  # top-3 for the two images, and the header's accuracy
@@ -305,5 +346,17 @@ def test_predict_probabilities_and_a_file_that_is_not_an_image(run, tmp_path, ca
     np.testing.assert_allclose(predict.predict_logits(model_cfg, params, images, batch_size=2),
                                predict.predict_logits(model_cfg, params, images), rtol=1e-5, atol=1e-6)
 
-    with pytest.raises(UserError, match="none of the given files"):
-        predict.main.__wrapped__(["--workdir", run, files[1]])
+
+
+def test_a_file_that_is_not_an_image_is_refused_alike_by_predict_and_visualize_attention(tmp_path, capsys):
+    """One line naming each such file and status 2, before the model is loaded (the workdir is not read)."""
+    Image.new("RGB", (40, 40), "orange").save(tmp_path / "good.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    files = [str(tmp_path / n) for n in ("good.png", "notes.txt", "missing.bmp")]
+    message = (f"error: {files[1]} is not an image Pillow can read; cannot read {files[2]} (No such file or "
+               f"directory): give only image files (PNG, JPEG, ...)\n")
+    for argv in ([*files], ["--images", *files]):
+        command = predict.main if argv[0] != "--images" else visualize_attention.main
+        with pytest.raises(SystemExit) as e:
+            command(["--workdir", str(tmp_path / "no run"), *argv])
+        assert e.value.code == 2 and capsys.readouterr().err == message

@@ -13,7 +13,7 @@ from flax import traverse_util
 from parity import compare, port
 from parity.model import DropPath, VisionTransformer as TorchViT, gelu
 from vit_jax import step
-from vit_jax.config import MODELS, RECIPES, TrainConfig
+from vit_jax.config import MODELS, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError
 from vit_jax.model import VisionTransformer as FlaxViT, count_params, init_params

@@ -14,7 +14,7 @@ from parity import bench, compare, convert, export, port
 from parity.model import VisionTransformer
 from vit_jax import config as config_lib
 from vit_jax import augment, train, weights
-from vit_jax.config import MODELS, RECIPES, TrainConfig
+from vit_jax.config import MODELS, TrainConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
 from vit_jax.workdir import Checkpoints, load_best
@@ -163,14 +163,20 @@ def test_init_from_refuses_what_is_not_for_this_model(tmp_path, cifar_archive, c
     weights.save(cifar, _random_params("cifar"), MODELS["cifar"])
     pth = str(tmp_path / "model.pth")
     torch.save(_torch_model().state_dict(), pth)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    os.rename(tmp_path / "array.npy", tmp_path / "array.npz")
     for init_from, message in ((cifar, "holds parameters of another model (patch_size 4 -> 8; embed_dim 256 -> 32"),
                                (pth, "is a PyTorch checkpoint: convert it first with python -m parity.convert"),
-                               (str(tmp_path / "none.npz"), "no parameters file at")):
+                               (str(tmp_path / "none.npz"), "no parameters file at"),
+                               (str(tmp_path / "empty.npz"), "empty.npz' is not a parameters file (No data left"),
+                               (str(tmp_path / "array.npz"), "array.npz' is not a parameters file (it holds one "
+                                                             "array (.npy), not named arrays (.npz))")):
         with pytest.raises(SystemExit) as exit_:
             train.main(["--recipe", "test", "--epochs", "1", "--workdir", str(tmp_path / "run"), "--archive",
                         cifar_archive, "--init_from", init_from])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and message in err, err
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("content, message", [
@@ -248,6 +254,8 @@ def test_compare_refuses_what_it_cannot_use_before_comparing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for args, message in ((["--json", str(tmp_path / "file" / "c.json")],
                            f"cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json"),
+                          (["--json", str(tmp_path)], f"cannot write to '{tmp_path}' (a folder, not a file): "
+                                                      f"choose another --json"),
                           (["--tolerance", "nan"], "--tolerance must be a non-negative number, got nan")):
         with pytest.raises(SystemExit) as e:
             compare.main(args)
@@ -291,10 +299,11 @@ def test_bench_prints_both_and_their_ratio(capsys, tmp_path):
 
 def test_bench_refuses_a_json_path_it_cannot_write_before_timing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--recipe", "test", "--json", str(tmp_path / "file" / "b.json")])
-    assert e.value.code == 2 and capsys.readouterr().err == (
-        f"error: cannot write to '{tmp_path / 'file'}' (a file, not a folder): choose another --json\n")
+    for path, why in ((tmp_path / "file" / "b.json", "a file, not a folder"), (tmp_path, "a folder, not a file")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--recipe", "test", "--json", str(path)])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"error: cannot write to '{path.parent if path.name == 'b.json' else path}' ({why}): choose another --json\n")
 
 
 def test_torch_augment_matches_the_jax_preprocessing_without_the_random_part():

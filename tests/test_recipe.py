@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from vit_jax import augment, config as config_lib, step
-from vit_jax.config import MODELS, RECIPES, TrainConfig
+from vit_jax.config import MODELS, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.model import VisionTransformer, init_params
 

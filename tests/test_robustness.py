@@ -4,6 +4,7 @@ The kill test is marked `faults` so it can run alone: pytest -m faults.
 """
 
 import glob
+import importlib
 import json
 import os
 import random
@@ -251,3 +252,29 @@ def test_a_real_full_filesystem(cifar_archive, tmp_path):
         assert at_save and float(at_save.group(1)) > float(at_save.group(2)), error
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("vit_jax.train", ["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # a prefix is a typo
+    ("vit_jax.train", ["--recipe", "quick"], "argument --recipe: invalid choice: 'quick'"),
+    ("vit_jax.evaluate", ["--batch_size", "ten"], "argument --batch_size: invalid int value: 'ten'"),
+    ("vit_jax.predict", [], "the following arguments are required: IMAGE"),
+    ("vit_jax.plot", ["--wokdir", "x"], "unrecognized arguments: --wokdir x"),
+    ("vit_jax.visualize_attention", ["--num_images"], "argument --num_images: expected one argument"),
+    ("vit_jax.analyze", ["--out"], "argument --out: expected one argument"),
+    ("vit_jax.summary", ["--work", "x"], "unrecognized arguments: --work x"),
+    ("vit_jax.bench", ["--recipe", "huge"], "argument --recipe: invalid choice: 'huge'"),
+    ("vit_jax.data", ["prepare"], "the following arguments are required: --archive"),
+    ("parity.bench", ["--stpes", "1"], "unrecognized arguments: --stpes 1"),
+    ("parity.compare", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ("parity.convert", [], "the following arguments are required: checkpoint"),
+    ("parity.export", ["--outt", "x"], "unrecognized arguments: --outt x"),
+])
+def test_a_mistyped_flag_is_one_line_that_says_where_the_flags_are(module, argv, message, capsys):
+    """Not argparse's usage block first: one line, as every other error, and status 2."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    prog = f"python -m {module}" + (" prepare" if module == "vit_jax.data" else "")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert err.endswith(f" ({prog} --help lists the flags)\n"), err

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from vit_jax import step
-from vit_jax.config import MODELS, RECIPES, TrainConfig
+from vit_jax.config import MODELS, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.errors import UserError
 

@@ -129,6 +129,8 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     (["--embed_dim", "100"], "not divisible by num_heads"),
     (["--img_size", "30"], "not divisible by patch_size"),
     (["--lr", "-1"], "lr must be positive"),
+    (["--recipe", "fast", "--epochs", "1"],
+     "warmup_epochs (1.0) must be less than epochs (1): pass --warmup_epochs 0.5, or more --epochs"),
     (["--recipe", "huge"], "invalid choice"),
     (["--epoch", "3"], "unrecognized arguments"),
     (["--batch_size", "ten"], "invalid int value"),
@@ -142,6 +144,12 @@ def test_bad_settings_fail_at_once_with_one_clear_message(args, message, capsys)
         train.main(args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_learning_rate_suggested_after_divergence_is_a_tenth_and_never_above_the_recipes():
+    assert config_lib.suggest_lr(1e6) == 1e-3  # not 1e5, which diverges again
+    assert config_lib.suggest_lr(1e-2) == pytest.approx(1e-3)
+    assert config_lib.suggest_lr(3e-4) == pytest.approx(3e-5)
 
 
 def test_a_bad_setting_is_one_line_and_no_traceback_from_the_process():

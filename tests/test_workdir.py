@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, config as config_lib, errors, workdir
-from vit_jax.config import MODELS, RECIPES, TrainConfig
+from vit_jax.config import MODELS, TrainConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
 

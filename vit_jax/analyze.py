@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from vit_jax import data
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, predict_logits, softmax
 from vit_jax.workdir import ANALYSIS, atomic_open, load_best, make
@@ -170,7 +170,7 @@ def analyze(model_cfg, params, images, labels, out_dir: str, title: str, batch_s
 
 @cli
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.analyze", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.analyze", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
     data.add_source_arguments(parser)
     parser.add_argument("--out", default=None, help="folder for the results (default: WORKDIR/analysis)")

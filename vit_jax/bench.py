@@ -9,7 +9,6 @@ each kind of XLA operation (on the CPU: matmul fusions, transposed copies, eleme
 Random uint8 batches stand in for data: no dataset, no TensorFlow, no tfds.
 """
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -25,7 +24,7 @@ import numpy as np
 from vit_jax import augment, step
 from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.model import attention_implementation, count_params
 
 # Dense peak TFLOP/s per device by (device kind substring, dtype). float32 matmuls on these GPUs run
@@ -231,7 +230,7 @@ def print_breakdown(ms: dict):
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.bench", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="python -m vit_jax.bench", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
     parser.add_argument("--batch_size", type=int, default=64)

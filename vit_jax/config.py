@@ -12,7 +12,7 @@ import math
 import types
 import typing
 
-from vit_jax.errors import UserError
+from vit_jax.errors import CommandParser, UserError
 
 
 def field(default, help: str, *, resumable: bool = False):
@@ -164,7 +164,8 @@ class TrainConfig:
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.schedule != "cosine"):
             raise UserError("warmup_epochs needs --schedule cosine and must be non-negative")
         if self.warmup_epochs >= self.epochs:
-            raise UserError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+            raise UserError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs}): pass "
+                            f"--warmup_epochs {self.epochs / 2:g}, or more --epochs")
         if self.patience < 0:
             raise UserError(f"patience must be 0 (off) or positive, got {self.patience}")
         if self.save_every < 0:
@@ -193,8 +194,8 @@ class TrainConfig:
 
 
 def suggest_lr(lr: float) -> float:
-    """A learning rate to try after `lr` diverged: a tenth of it, and no more than 1e-3, about the
-    largest rate at which AdamW trains these models."""
+    """The learning rate to suggest after `lr` diverged: a tenth of it, but at most 1e-3, the highest
+    rate of the recipes (fast's). A tenth of a rate far too high (1e6) would diverge again."""
     return min(lr / 10, 1e-3)
 
 
@@ -289,7 +290,7 @@ def add_model_arguments(parser, title: str = "model (overrides the recipe's)"):
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with a flag for every TrainConfig and ModelConfig field."""
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.train", description=description,
+    parser = CommandParser(prog="python -m vit_jax.train", description=description,
                                      allow_abbrev=False)  # --epoch is a typo
     _add_fields(parser.add_argument_group("run"), TrainConfig, defaults_none=False)
     add_model_arguments(parser)
@@ -302,7 +303,7 @@ def parse_args(argv=None, description: str = "Train a ViT on CIFAR-10.") -> tupl
     --recipe NAME first sets the defaults of the flags it names (run and model alike); the flags
     given on the command line then override them."""
     parser = build_parser(description)
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first = CommandParser(prog="python -m vit_jax.train", add_help=False, allow_abbrev=False)
     first.add_argument("--recipe", choices=list(RECIPES), default="tutorial")
     parser.set_defaults(**RECIPES[first.parse_known_args(argv)[0].recipe])
     args = vars(parser.parse_args(argv))

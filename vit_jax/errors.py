@@ -1,5 +1,7 @@
-"""Errors the user can fix, the command-line wrapper that prints them as one line, and Ctrl+C and SIGTERM."""
+"""Errors the user can fix, the command-line wrapper that prints them as one line, the parser whose
+mistakes are one line too, and Ctrl+C and SIGTERM."""
 
+import argparse
 import contextlib
 import functools
 import os
@@ -11,6 +13,19 @@ EXIT_INTERRUPTED = 130  # Ctrl+C, as a shell reports it
 
 class UserError(Exception):
     """Bad input or a missing prerequisite; the message says what to do. No traceback is shown."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every command's parser: a mistyped flag or a bad value is one `error: ...` line, with where to
+    look, and exit status 2, as a UserError is; argparse would print the whole usage first, dozens of
+    lines that bury the one that matters. A prefix of a flag is a typo, not that flag (--epoch is not
+    --epochs)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
 
 
 def reason(error: BaseException, limit: int = 200, last: bool = False) -> str:

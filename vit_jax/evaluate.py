@@ -8,13 +8,13 @@ import argparse
 
 from vit_jax import data, step
 from vit_jax.devices import DataParallel
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.workdir import load_best
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.evaluate", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints")
     data.add_source_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -32,9 +32,16 @@ def main(argv=None):
     loss, acc = step.evaluate(eval_fn, parallel, parallel.replicate(run.params),
                               data.epoch_batches(images, labels, a.batch_size))
     print(f"Best model of {a.workdir} (epoch {run.meta['epoch']}, {run.cfg.recipe}): "
-          f"Test Loss: {loss:.4f} | Test Acc: {acc:.2f}% on {len(images):,} images"
-          f"{' and their mirror images' if tta_flip else ''}")
+          f"Test Loss: {loss:.4f} | Test Acc: {acc:.2f}% on {'the first' if a.test_limit else 'all'} {len(images):,} "
+          f"test images{' and their mirror images' if tta_flip else ''}{_run_limit(run.cfg.test_limit, a.test_limit)}")
     return loss, acc
+
+
+def _run_limit(run_limit: int | None, limit: int | None) -> str:
+    """Which test images the run evaluated while it trained, when it was not these: the accuracy of the
+    best epoch was measured on those, and can differ from this one."""
+    return f" (the run evaluated its first {run_limit:,}: --test_limit {run_limit})" if run_limit and run_limit != limit \
+        else ""
 
 
 if __name__ == "__main__":

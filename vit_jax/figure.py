@@ -29,9 +29,16 @@ def subplots(*args, **kwargs):
     return _pyplot().subplots(*args, **kwargs)
 
 
+def output_path(out: str) -> str:
+    """The file that matplotlib's savefig writes for `out`: a name without an extension gets '.png'."""
+    return out if os.path.splitext(out)[1][1:] else out.rstrip(".") + ".png"
+
+
 def save(fig, out: str) -> str:
-    """Writes the figure as a PNG at `out` (creating its folder) and closes it; returns `out`."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    """Writes the figure at `out` (a PNG unless its extension names another format; creating its folder)
+    and closes it; returns the path written, which the commands report."""
+    path = output_path(out)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=DPI)
     _pyplot().close(fig)
-    return out
+    return path

@@ -8,10 +8,9 @@ It reads metrics.jsonl, which training rewrites whole after every epoch, and con
 while a run is still going. Written to DIR/curves.png unless `--out` says otherwise.
 """
 
-import argparse
 import os
 
-from vit_jax.errors import cli
+from vit_jax.errors import CommandParser, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.workdir import COMPARE, CURVES, check_output, finished_epochs, read_config
 
@@ -86,9 +85,10 @@ def plot_comparison(workdirs: list[str], out: str) -> str:
 
 @cli
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.plot", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run to draw")
-    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/curves.png, or with --compare "
+    parser.add_argument("--out", default=None, help="PNG to write, .png added to a name without an extension "
+                                                    "(default: WORKDIR/curves.png, or with --compare "
                                                     "WORKDIR/compare.png)")
     parser.add_argument("--compare", nargs="+", metavar="WORKDIR", default=None,
                         help="other runs to draw beside --workdir's, against wall-clock minutes")

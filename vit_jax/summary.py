@@ -5,18 +5,18 @@ time and images/s, the hardware, and links to the pictures the inspection comman
 Training writes it when it ends; run this to refresh it after making more pictures.
 """
 
-import argparse
 import dataclasses
 import datetime
 import json
 import os
+import shlex
 
 import jax
 
 from vit_jax import plot
 from vit_jax.config import ModelConfig, TrainConfig, parse_args
 from vit_jax.devices import describe_devices
-from vit_jax.errors import cli
+from vit_jax.errors import CommandParser, cli
 from vit_jax.model import count_params, init_params
 from vit_jax.workdir import ANALYSIS, ATTENTION, CURVES, SUMMARY, TENSORBOARD, finished_epochs, read_config, write_atomic
 
@@ -50,7 +50,7 @@ def reproduce_command(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
 def _flag(name: str, value) -> str:
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
-    return "" if value is None else f"--{name} {value}"
+    return "" if value is None else f"--{name} {shlex.quote(str(value))}"  # a path may hold spaces
 
 
 def _duration(seconds: float) -> str:
@@ -106,12 +106,12 @@ def render(workdir: str, cfg: TrainConfig, model_cfg: ModelConfig, rows: list[di
         if path in existing:
             lines += [f"**{what}** (`{path}`)", "", f"![{what}]({path})", ""]
         else:
-            missing.setdefault(command.format(workdir=workdir), []).append(what.lower())
+            missing.setdefault(command.format(workdir=shlex.quote(workdir)), []).append(what.lower())
     data_links = [f"[{what}]({path})" for path, what in DATA_FILES if path in existing]
     if data_links:
         lines += ["Numbers: " + ", ".join(data_links), ""]
     if TENSORBOARD in existing:
-        lines += [f"TensorBoard: `tensorboard --logdir {os.path.join(workdir, TENSORBOARD)}`", ""]
+        lines += [f"TensorBoard: `tensorboard --logdir {shlex.quote(os.path.join(workdir, TENSORBOARD))}`", ""]
     if missing:
         lines += ["Not made yet:", "", *(f"- {', '.join(whats)}: `{command}`" for command, whats in missing.items()), ""]
     model_fields = dataclasses.asdict(model_cfg)
@@ -165,7 +165,7 @@ def write_summary(workdir: str, device: str | None = None, curves: bool = True) 
 
 @cli
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.summary", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m vit_jax.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run to summarize")
     parser.add_argument("--device", default=None,
                         help="the hardware it trained on, in words (default: this machine's devices)")

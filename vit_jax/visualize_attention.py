@@ -6,13 +6,12 @@ and laid over it. Test images by default (`--num_images N`), or your own (`--ima
 Written to DIR/attention.png unless `--out` says otherwise.
 """
 
-import argparse
 import os
 
 import numpy as np
 
 from vit_jax import attention, data
-from vit_jax.errors import UserError, cli
+from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, load_images, softmax
 from vit_jax.workdir import ATTENTION, check_output, load_best
@@ -74,30 +73,31 @@ def visualize(model_cfg, params, images: np.ndarray, names: list[str], out: str,
         labels.append(f"{first}\n{guess}")
     maps = attention.rollout(attn, model_cfg.class_token)
     heads = attention.head_attention(attn, model_cfg.class_token)
-    draw(images, maps, heads, labels, out, title)
-    return {"path": out, "rollout": maps, "heads": heads, "probs": probs}
+    path = draw(images, maps, heads, labels, out, title)
+    return {"path": path, "rollout": maps, "heads": heads, "probs": probs}
 
 
 @cli
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vit_jax.visualize_attention",
+    parser = CommandParser(prog="python -m vit_jax.visualize_attention",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="checkpoints", help="the training run whose best model to use")
     data.add_source_arguments(parser)
     parser.add_argument("--num_images", type=int, default=8, help="how many test images, from the first")
     parser.add_argument("--images", nargs="+", metavar="IMAGE", help="your own images instead of test images")
-    parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/attention.png)")
+    parser.add_argument("--out", default=None, help="PNG to write, .png added to a name without an extension "
+                                                    "(default: WORKDIR/attention.png)")
     a = parser.parse_args(argv)
     if a.num_images <= 0:
         raise UserError(f"--num_images must be positive, got {a.num_images}")
 
+    loaded = load_images(a.images) if a.images else None
     run = load_best(a.workdir)
     if a.out:
         check_output(a.out)
     cfg, model_cfg, meta = run.cfg, run.model_cfg, run.meta
     true_labels = None
-    if a.images:
-        loaded = load_images(a.images)  # a file that is not an image is skipped with a message
+    if loaded:
         images = np.stack(list(loaded.values()))
         names = [os.path.basename(p) for p in loaded]
     else:
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
              f"{meta['test_acc']:.1f}%; {model_cfg.depth} layers, {model_cfg.num_heads} heads, a {g}x{g} grid of "
              f"{model_cfg.patch_size}x{model_cfg.patch_size}-pixel patches)")
     result = visualize(model_cfg, run.params, images, names, out, title, true_labels)
-    print(f"Wrote {out}")
+    print(f"Wrote {result['path']}")
     return result
 
 

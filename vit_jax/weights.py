@@ -63,10 +63,13 @@ def load(path: str, config: ModelConfig) -> dict:
         raise UserError(f"{path!r} is a PyTorch checkpoint: convert it first with python -m parity.convert {path} "
                         f"(it writes {os.path.splitext(path)[0]}.npz), then pass that to --init_from")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.load reads a .npy whatever its name
+            raise ValueError("it holds one array (.npy), not named arrays (.npz)")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
         saved = json.loads(str(arrays.pop(CONFIG_KEY))) if CONFIG_KEY in arrays else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOFError: an empty file
         raise UserError(f"{path!r} is not a parameters file ({reason(e)}): give a .npz written by "
                         f"python -m parity.convert") from None
     if isinstance(saved, dict):

@@ -86,6 +86,8 @@ def make(folder: str, flag: str = "--workdir"):
 def check_output(path: str, flag: str = "--out"):
     """A command's output file: creates its folder and checks that it can be written, before the work
     that the file is for."""
+    if os.path.isdir(path):  # else the work runs, and only writing its result fails
+        raise UserError(f"cannot write to {path!r} (a folder, not a file): choose another {flag}")
     make(os.path.dirname(os.path.abspath(path)), flag)
 
 
