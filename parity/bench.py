@@ -31,7 +31,8 @@ from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import MODELS, RECIPES, TrainConfig
 from vit_jax.errors import CommandParser, UserError, cli, reason
-from vit_jax.workdir import atomic_open, check_output
+from vit_jax.files import atomic_open
+from vit_jax.workdir import check_output
 
 MEAN = torch.tensor(augment.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(augment.STD).view(1, 3, 1, 1)

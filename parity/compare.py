@@ -33,7 +33,8 @@ from vit_jax import augment, data, step
 from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig, recipe_of
 from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.model import VisionTransformer as FlaxViT, init_params
-from vit_jax.workdir import atomic_open, check_output, load_best
+from vit_jax.files import atomic_open
+from vit_jax.workdir import check_output, load_best
 
 # Max |logits difference| allowed, by recipe. float32 sums in another order differ by ~1e-7 relative
 # per operation; the 224-pixel seed model has 12x the tokens and 12x the width of `test` to sum over.

@@ -17,7 +17,10 @@ import torch
 
 from parity.port import flax_to_torch
 from vit_jax.errors import CommandParser, UserError, cli
-from vit_jax.workdir import EXPORT, atomic_open, load_best
+from vit_jax.files import atomic_open
+from vit_jax.workdir import load_best
+
+EXPORT = "best_model.pth"  # in the workdir, by default
 
 
 def export(workdir: str, out: str | None = None) -> str:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, config as config_lib, errors, workdir
+from vit_jax import checkpoint, config as config_lib, errors, files, workdir
 from vit_jax.config import MODELS, TrainConfig
 from vit_jax.errors import UserError
 from vit_jax.model import init_params
@@ -57,7 +57,7 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
     path = str(tmp_path / "f.json")
     workdir.write_atomic(path, "old")
     with pytest.raises(RuntimeError):
-        with workdir.atomic_open(path) as f:
+        with files.atomic_open(path) as f:
             f.write("half of the new")
             raise RuntimeError("killed")
     assert pathlib.Path(path).read_text() == "old"
@@ -101,11 +101,12 @@ def test_a_config_written_by_another_version_still_loads(tmp_path):
 
 
 def test_fresh_moves_every_file_of_a_run_aside(tmp_path):
-    for name in workdir.RUN_FILES:
+    run_files = ("latest", "best", "metrics.jsonl", "tensorboard", "summary.md", "curves.png", "analysis")
+    for name in run_files:
         (tmp_path / name).mkdir()
     (tmp_path / workdir.CONFIG).write_text("{}")
     aside = workdir.discard(str(tmp_path))
-    assert sorted(os.listdir(aside)) == sorted(workdir.RUN_FILES)
+    assert sorted(os.listdir(aside)) == sorted(run_files)
     assert sorted(os.listdir(tmp_path)) == sorted([workdir.CONFIG, os.path.basename(aside)])
     assert workdir.discard(str(tmp_path)) is None
 

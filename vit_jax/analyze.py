@@ -19,7 +19,10 @@ from vit_jax import data
 from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, predict_logits, softmax
-from vit_jax.workdir import ANALYSIS, atomic_open, load_best, make
+from vit_jax.files import atomic_open
+from vit_jax.workdir import load_best, make
+
+ANALYSIS = "analysis"  # the folder it writes in the workdir
 
 CONFUSION_PX = (1300, 600)  # (width, height) of confusion.png
 ERROR_COLS, ERROR_ROWS = 8, 4  # errors.png shows at most ERROR_COLS * ERROR_ROWS images

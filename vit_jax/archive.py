@@ -9,7 +9,6 @@ a 32x32 image, rows in order. This module checks that layout (for `prepare` and 
 reads the splits, in file order, with no TensorFlow: the data source of `--archive PATH`.
 """
 
-import hashlib
 import os
 import sys
 import tarfile
@@ -107,15 +106,6 @@ def load_split(path: str, split: str, limit: int | None = None) -> tuple[np.ndar
             raise UserError(f"limit {limit} is larger than the {split} split ({len(labels)} examples)")
         images, labels = images[:limit], labels[:limit]
     return images, labels
-
-
-def sha256(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
 
 
 def mismatch(what, detail: str, allowed: bool) -> None:

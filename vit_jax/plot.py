@@ -12,7 +12,10 @@ import os
 
 from vit_jax.errors import CommandParser, cli
 from vit_jax.figure import figsize, save, subplots
-from vit_jax.workdir import COMPARE, CURVES, check_output, finished_epochs, read_config
+from vit_jax.workdir import check_output, finished_epochs, read_config
+
+CURVES = "curves.png"
+COMPARE = "compare.png"
 
 CURVES_PX = (1500, 450)  # (width, height) of curves.png
 COMPARE_PX = (1200, 450)  # of --compare's picture

@@ -11,14 +11,13 @@ tfds's incomplete.* folders), so a successful prepare leaves nothing but the dat
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import shutil
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from vit_jax import archive, data
+from vit_jax import archive, data, files
 from vit_jax.errors import CommandParser, UserError, cli
 
 # tfds_data (TensorFlow, seconds to import) is imported where it is used, after the arguments are
@@ -62,7 +61,7 @@ def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: b
             staged = manual / official.filename
             if folder is not None:
                 _pack(folder, staged)
-                accepted = archive.sha256(staged)  # packed here: nobody's checksum
+                accepted = files.sha256(staged)  # packed here: nobody's checksum
             else:
                 staged.symlink_to(path.resolve())
             if accepted is not None:  # tfds must be told the copy's checksum
@@ -137,26 +136,19 @@ def _accepting(info, url: str, data_dir: str | None):
 @contextlib.contextmanager
 def _exclusive(root: Path):
     """Holds the data_dir's prepare lock, and removes what a killed prepare left behind."""
-    with open(root / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another prepare is running in {root}: wait for it to finish") from None
+    with files.lock(str(root / LOCK), f"another prepare ({{owner}}) is running in {root}: wait for it to finish"):
         leftovers = list(root.glob(SCRATCH_PREFIX + "*")) + list((root / "cifar10").glob("incomplete.*"))
         for path in leftovers:  # no prepare holds the lock: these are a dead one's
             shutil.rmtree(path, ignore_errors=True)
         if leftovers:
             print(f"removed {len(leftovers)} folder(s) an interrupted prepare left in {root}")
-        try:
-            yield
-        finally:
-            (root / LOCK).unlink(missing_ok=True)
+        yield
 
 
 def _verify_archive(path: Path, allowed: bool) -> tuple[int, str] | None:
     """None for the official archive; for another, checks its layout, refuses it unless allowed, and
     returns its (size, sha256)."""
-    size, sha256 = archive.sha256(path)
+    size, sha256 = files.sha256(path)
     if (size, sha256) == (archive.OFFICIAL_SIZE, archive.OFFICIAL_SHA256):
         return None
     archive.read_files(path)  # a wrong layout says more than a wrong checksum

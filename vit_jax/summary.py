@@ -18,7 +18,14 @@ from vit_jax.config import ModelConfig, TrainConfig, parse_args
 from vit_jax.devices import describe_devices
 from vit_jax.errors import CommandParser, cli
 from vit_jax.model import count_params, init_params
-from vit_jax.workdir import ANALYSIS, ATTENTION, CURVES, SUMMARY, TENSORBOARD, finished_epochs, read_config, write_atomic
+from vit_jax.files import write_atomic
+from vit_jax.analyze import ANALYSIS
+from vit_jax.plot import CURVES
+from vit_jax.tensorboard_log import FOLDER as TENSORBOARD
+from vit_jax.visualize_attention import ATTENTION
+from vit_jax.workdir import finished_epochs, read_config
+
+SUMMARY = "summary.md"
 
 # (file in the workdir, what it shows, the command that makes it; {workdir} is filled in)
 PICTURES = [

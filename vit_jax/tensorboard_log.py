@@ -6,6 +6,8 @@ A disabled Writer does nothing and imports nothing, so the training loop calls i
 (Not named tensorboard.py: run as a script from inside vit_jax/, that would hide the real package.)
 """
 
+FOLDER = "tensorboard"  # in the workdir
+
 
 class Writer:
     """scalar(name, value, step), flush() and close(); every call is a no-op when not enabled."""

@@ -143,7 +143,7 @@ def create_run(cfg: TrainConfig, model_cfg: ModelConfig, budget: Budget | None):
               train_fn=step.jit_train_step(parallel, settings, schedule),
               eval_fn=step.jit_eval_step(parallel, model_cfg, cfg.tta_flip),
               checkpoints=checkpoints, budget=budget,
-              tb=tensorboard_log.Writer(os.path.join(cfg.workdir, workdir.TENSORBOARD),
+              tb=tensorboard_log.Writer(os.path.join(cfg.workdir, tensorboard_log.FOLDER),
                                         enabled=cfg.tensorboard and distributed.is_primary()))
     describe(run, state, meta, resumed=restored is not None)
     return run, state, metrics, meta

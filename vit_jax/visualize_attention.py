@@ -14,7 +14,9 @@ from vit_jax import attention, data
 from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.figure import figsize, save, subplots
 from vit_jax.predict import class_names, load_images, softmax
-from vit_jax.workdir import ATTENTION, check_output, load_best
+from vit_jax.workdir import check_output, load_best
+
+ATTENTION = "attention.png"
 
 CELL_PX = 160  # each map is drawn in a CELL_PX x CELL_PX square
 OVERLAY_ALPHA = 0.55

@@ -6,8 +6,7 @@
                             (epochs done, best accuracy so far, ...); the newest two are kept
     WORKDIR/best/<epoch>/   the parameters with the best test accuracy, with their epoch and accuracy
     WORKDIR/lock            held by the run that trains in the folder
-    WORKDIR/summary.md, curves.png, compare.png, attention.png, analysis/, tensorboard/: made by the
-                            inspection commands
+    WORKDIR/...             what other commands write there (summary.md, curves.png, analysis/, ...)
 
 Every file appears whole or not at all: plain files are written beside their target and renamed,
 checkpoints by orbax the same way, and each checkpoint is then sealed with a manifest of its files'
@@ -16,10 +15,7 @@ the files, and the previous checkpoint is used instead. `--fresh` moves a run as
 """
 
 import collections
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,9 +24,11 @@ import time
 
 import jax
 
+from vit_jax import files
 from vit_jax.checkpoint import Folder
 from vit_jax.config import ModelConfig, TrainConfig, resumable, to_dict
 from vit_jax.errors import UserError, reason
+from vit_jax.files import atomic_open, write_atomic
 from vit_jax.model import init_params
 
 CONFIG = "config.json"
@@ -38,36 +36,12 @@ METRICS = "metrics.jsonl"
 LOCK = "lock"
 LATEST = "latest"
 BEST = "best"
-SUMMARY = "summary.md"
-CURVES = "curves.png"
-COMPARE = "compare.png"
-ATTENTION = "attention.png"
-ANALYSIS = "analysis"
-TENSORBOARD = "tensorboard"
-EXPORT = "best_model.pth"  # parity.export's default
-# What --fresh moves aside: everything a run made, but its config (rewritten) and lock (held).
-RUN_FILES = (LATEST, BEST, METRICS, TENSORBOARD, SUMMARY, CURVES, COMPARE, ATTENTION, ANALYSIS)
 MANIFEST = "vit_jax_manifest.json"
+DISCARDED = "discarded-"
 
 
 # --------------------------------------------------------------------------------------------------
 # Plain files
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", **open_args):
-    """A file object whose contents appear at `path` only once it is complete and on disk."""
-    tmp = path + ".tmp"
-    with open(tmp, mode, **open_args) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_atomic(path: str, text: str):
-    with atomic_open(path) as f:
-        f.write(text)
 
 
 def make(folder: str, flag: str = "--workdir"):
@@ -91,25 +65,10 @@ def check_output(path: str, flag: str = "--out"):
     make(os.path.dirname(os.path.abspath(path)), flag)
 
 
-@contextlib.contextmanager
 def lock(workdir: str):
-    """One run per workdir. The kernel drops the lock when its process dies, however it dies."""
-    with open(os.path.join(workdir, LOCK), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            raise UserError(f"workdir {workdir!r} is in use by {owner}: wait for that run to end or stop it, "
-                            f"or pass another --workdir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} on {os.uname().nodename}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
+    """One run per workdir."""
+    return files.lock(os.path.join(workdir, LOCK), f"workdir {workdir!r} is in use by {{owner}}: wait for that run to "
+                                                   f"end or stop it, or pass another --workdir")
 
 
 def _from_dict(cls, values: dict):
@@ -198,12 +157,13 @@ def write_metrics(workdir: str, rows: list[dict]):
 
 
 def discard(workdir: str) -> str | None:
-    """Moves a run's checkpoints, metrics and pictures into WORKDIR/discarded-<time>/ (for --fresh): a new
-    start never deletes a run. Returns that folder, or None when there was nothing to move."""
-    names = [n for n in RUN_FILES if os.path.exists(os.path.join(workdir, n))]
+    """Moves everything in the workdir but its config (rewritten) and lock (held), and the runs moved
+    aside before, into WORKDIR/discarded-<time>/ (for --fresh): a new start never deletes a run.
+    Returns that folder, or None when there was nothing to move."""
+    names = [n for n in os.listdir(workdir) if n not in (CONFIG, LOCK) and not n.startswith(DISCARDED)]
     if not names:
         return None
-    aside = os.path.join(workdir, time.strftime("discarded-%Y%m%d-%H%M%S"))
+    aside = os.path.join(workdir, time.strftime(f"{DISCARDED}%Y%m%d-%H%M%S"))
     os.makedirs(aside, exist_ok=True)
     for n in names:
         os.replace(os.path.join(workdir, n), os.path.join(aside, n))
@@ -220,11 +180,7 @@ def _files(step_dir: str) -> dict[str, tuple[int, str]]:
         for name in names:
             path = os.path.join(root, name)
             if not name.startswith(MANIFEST):
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while block := f.read(1 << 20):  # hashlib.file_digest needs Python 3.11
-                        digest.update(block)
-                out[os.path.relpath(path, step_dir)] = (os.path.getsize(path), digest.hexdigest())
+                out[os.path.relpath(path, step_dir)] = files.sha256(path)
     return out
 
 
