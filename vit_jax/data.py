@@ -9,11 +9,10 @@ Two sources give the same images and labels (in another order):
 `python -m vit_jax.data prepare --archive PATH` builds the tfds dataset offline (`prepare.py`).
 """
 
-import os
 
 import numpy as np
 
-from vit_jax import archive as archive_source
+from vit_jax import archive as archive_source, files
 from vit_jax.errors import UserError
 
 CLASS_NAMES = archive_source.CLASS_NAMES
@@ -32,18 +31,10 @@ def load_split(split: str, data_dir: str | None = None, limit: int | None = None
         raise UserError(f"--{split}_limit must be positive, got {limit}")
     if archive is not None:
         return archive_source.load_split(archive, split, limit)
-    check_data_dir(data_dir)
+    files.check_data_dir(data_dir)
     from vit_jax import tfds_data  # TensorFlow: only on this path
 
     return tfds_data.load_split(split, data_dir, limit)
-
-
-def check_data_dir(data_dir: str | None) -> None:
-    """Refuses a --data_dir that is a file: tfds would take it for a folder without the dataset, and the
-    message would be about preparing or downloading it."""
-    if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise UserError(f"--data_dir {data_dir} is a file, not a folder: give the folder that holds the prepared "
-                        f"dataset (or is to hold it; it is created if missing), and an archive as --archive")
 
 
 def add_source_arguments(parser):

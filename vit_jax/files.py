@@ -1,4 +1,5 @@
-"""Plain files, safely: written whole or not at all, used by one process at a time, fingerprinted.
+"""Plain files, safely: written whole or not at all, used by one process at a time, fingerprinted;
+and a file given where a folder is wanted, refused.
 
 The run folder (`workdir.py`), the data preparation (`prepare.py`) and the commands that write a
 report all write through `atomic_open`; `lock` keeps a second process out of a folder in use; and
@@ -47,7 +48,15 @@ def lock(path: str, busy: str):
         try:
             yield
         finally:
-            f.truncate(0)
+            os.remove(path)  # the folder is left as it was found (before the lock is let go: no one else holds it)
+
+
+def check_data_dir(data_dir: str | None):
+    """Refuses a --data_dir that is a file (before TensorFlow is imported): tfds would take it for a
+    folder without the dataset, and its message would be about preparing or downloading it."""
+    if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder: give the folder that holds the prepared "
+                        f"dataset (or is to hold it; it is created if missing), and an archive as --archive")
 
 
 def sha256(path: str) -> tuple[int, str]:

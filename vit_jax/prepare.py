@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vit_jax import archive, data, files
+from vit_jax import archive, files
 from vit_jax.errors import CommandParser, UserError, cli
 
 # tfds_data (TensorFlow, seconds to import) is imported where it is used, after the arguments are
@@ -38,7 +38,7 @@ def prepare(source: str, data_dir: str | None = None, allow_checksum_mismatch: b
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{source} does not exist; {archive.EXPECTED}")
-    data.check_data_dir(data_dir)
+    files.check_data_dir(data_dir)
     from vit_jax import tfds_data
 
     builder = tfds_data.builder(data_dir)
