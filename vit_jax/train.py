@@ -165,51 +165,15 @@ def train_loop(run: Run, state, metrics, meta: dict) -> list[dict]:
     """The epochs left: train, evaluate, record, save; with a budget, revise the run's length as it goes."""
     cfg, spe = run.cfg, run.steps_per_epoch
     rows = workdir.read_metrics(cfg.workdir, upto=meta["epochs_done"])
-    clock = Clock()
+    clock = Clock(warn=jax.default_backend() == "cpu" and distributed.is_primary())
     with stoppable() as stop:
         while not finished(meta, spe, cfg.patience):
             epoch, first = meta["epochs_done"], int(state.step)
-            last = min((epoch + 1) * spe, meta["total_steps"])  # this epoch's steps are first..last-1
-            print(f"\nEpoch {epoch + 1}/{-(-meta['total_steps'] // spe)} | lr {lr_span(run, first, last)}")
             t0 = time.time() - meta["seconds_in_epoch"]
-            batches = data.epoch_batches(*run.train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=first % spe)
-            key, in_flight = jax.random.key(cfg.seed), collections.deque()
-            bar = tqdm(total=last - epoch * spe, initial=first - epoch * spe, disable=not sys.stdout.isatty(),
-                       leave=False, unit="batch")
-            for i in range(first, last):
-                state, metrics = run.train_fn(state, metrics, *run.parallel.put_batch(*next(batches)), key)
-                in_flight.append(metrics)
-                if len(in_flight) > IN_FLIGHT:  # the host waits for an earlier step: it stays close to the device
-                    jax.block_until_ready(in_flight.popleft())
-                bar.update()
-                done = i + 1
-                clock.stepped(done - first, metrics, run)
-                if run.budget and done - first == REVISE_AFTER and done < last:
-                    clock.measure(done - first - 1, metrics)
-                    meta["total_steps"] = revise(run, clock, done, meta["total_steps"])
-                    last = min(last, meta["total_steps"])
-                in_epoch = done - epoch * spe  # batches of this epoch done
-                if in_epoch % cfg.log_every == 0:
-                    log(run, metrics, i, bar)
-                if done < last and run.budget and together(i, lambda: time.time() > clock.deadline(run.budget)):
-                    bar.write(f"Budget: epoch {epoch + 1} stops after batch {in_epoch} of "
-                              f"{last - epoch * spe}, to end within --time_budget (the steps ran slower than measured)")
-                    meta["total_steps"] = last = done
-                if done < last and together(i, lambda: bool(stop)):
-                    save_latest(run, state, metrics, meta, t0)
-                    bar.close()
-                    print(f"Saved at epoch {epoch + 1}, batch {in_epoch}/{spe}. Run the same command "
-                          f"again to resume.")
-                    sys.exit(EXIT_INTERRUPTED)
-                if done < last and cfg.save_every and in_epoch % cfg.save_every == 0:
-                    save_latest(run, state, metrics, meta, t0)
-                if done == last:
-                    break
-            bar.close()
-            check_finite(metrics, cfg, spe)
+            state, metrics = train_epoch(run, state, metrics, meta, clock, stop, t0)
             train_seconds = time.time() - t0
-            clock.trained(int(state.step) - first, train_seconds)
-            row = evaluate(run, state, metrics, epoch, first, t0, train_seconds)
+            clock.trained(int(state.step) - first)
+            row = evaluate(run, state, metrics, epoch, t0, train_seconds)
             meta.update(epochs_done=epoch + 1, seconds_in_epoch=0.0)
             if run.budget and not finished(meta, spe, cfg.patience):
                 meta["total_steps"] = revise(run, clock, int(state.step), meta["total_steps"])
@@ -230,56 +194,93 @@ def train_loop(run: Run, state, metrics, meta: dict) -> list[dict]:
     return rows
 
 
+def train_epoch(run: Run, state, metrics, meta: dict, clock: "Clock", stop, t0: float):
+    """The epoch's steps left, at most IN_FLIGHT ahead of the device; a stop saves and exits here."""
+    cfg, spe, epoch = run.cfg, run.steps_per_epoch, meta["epochs_done"]
+    first, last = int(state.step), min((epoch + 1) * spe, meta["total_steps"])  # steps first..last-1
+    print(f"\nEpoch {epoch + 1}/{-(-meta['total_steps'] // spe)} | lr {lr_span(run, first, last)}")
+    batches = data.epoch_batches(*run.train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=first - epoch * spe)
+    key, in_flight = jax.random.key(cfg.seed), collections.deque()
+    with tqdm(total=last - epoch * spe, initial=first - epoch * spe, disable=not sys.stdout.isatty(), leave=False,
+              unit="batch") as bar:
+        for done in range(first + 1, last + 1):  # `done` steps after this one
+            state, metrics = run.train_fn(state, metrics, *run.parallel.put_batch(*next(batches)), key)
+            in_flight.append(metrics)
+            if len(in_flight) > IN_FLIGHT:  # the host waits for an earlier step: it stays close to the device
+                jax.block_until_ready(in_flight.popleft())
+            bar.update()
+            clock.stepped(done - first, metrics, run.steps_per_epoch)
+            if run.budget and done - first == REVISE_AFTER and done < last:
+                meta["total_steps"] = revise(run, clock, done, meta["total_steps"], metrics)
+                last = min(last, meta["total_steps"])
+            in_epoch = done - epoch * spe
+            if in_epoch % cfg.log_every == 0:
+                log(run, metrics, done - 1, bar)
+            if done < last and run.budget and together(done, lambda: time.time() > clock.deadline(run.budget)):
+                bar.write(f"Budget: epoch {epoch + 1} stops after batch {in_epoch} of {last - epoch * spe}, to end "
+                          f"within --time_budget (the steps ran slower than measured)")
+                meta["total_steps"] = last = done
+            if done < last and together(done, lambda: bool(stop)):
+                save_latest(run, state, metrics, meta, t0)
+                bar.close()
+                print(f"Saved at epoch {epoch + 1}, batch {in_epoch}/{spe}. Run the same command again to resume.")
+                sys.exit(EXIT_INTERRUPTED)
+            if done < last and cfg.save_every and in_epoch % cfg.save_every == 0:
+                save_latest(run, state, metrics, meta, t0)
+            if done == last:
+                break
+    check_finite(metrics, cfg, spe)
+    return state, metrics
+
+
 def finished(meta: dict, steps_per_epoch: int, patience: int) -> bool:
     """Whether every planned epoch is done, or --patience epochs went by without a better test accuracy."""
     planned = -(-meta["total_steps"] // steps_per_epoch)
     return meta["epochs_done"] >= planned or bool(patience) and meta["epochs_done"] - meta["best_epoch"] >= patience
 
 
-def together(i: int, flag) -> bool:
+def together(done: int, flag) -> bool:
     """flag() here; with many processes, whether it holds in any of them, asked every STOP_CHECK_EVERY
     steps, so that all act after the same step."""
     if jax.process_count() == 1:
         return flag()
-    return (i + 1) % STOP_CHECK_EVERY == 0 and distributed.any_process(flag())
+    return done % STOP_CHECK_EVERY == 0 and distributed.any_process(flag())
 
 
 class Clock:
-    """The run's own speed: its steps (the first of each epoch, which can compile, untimed) and what
-    follows an epoch's training (evaluation, records, saves)."""
+    """The run's own speed, for the budget and the CPU warning: its steps (the first of each epoch,
+    which can compile, untimed) and what follows an epoch's training (evaluation, records, saves)."""
 
-    def __init__(self):
-        self.first_done = None  # when the epoch's first step was done
-        self.step_s = None
-        self.end_s = None
-        self.warned = False
+    def __init__(self, warn: bool):
+        self.warn = warn  # once, on a CPU, after the first few steps
+        self.first_done = self.step_s = self.end_s = None
 
-    def stepped(self, n: int, metrics, run: Run):
-        """After the epoch's n-th step (dispatched): notes the first's end; warns once on a CPU."""
+    def stepped(self, n: int, metrics, steps_per_epoch: int):
+        """After the epoch's n-th step is dispatched."""
         if n == 1:
             jax.block_until_ready(metrics)
             self.first_done = time.time()
-        if n == 4 and not self.warned and jax.default_backend() == "cpu" and distributed.is_primary():
-            self.measure(3, metrics)
-            warn_cpu(run, self.step_s)
-            self.warned = True
+        if n == 4 and self.warn:
+            self.measure(n, metrics)
+            warn_cpu(self.step_s, steps_per_epoch)
+            self.warn = False
 
-    def measure(self, steps_after_first: int, metrics):
+    def measure(self, n: int, metrics):
+        """Times the epoch's steps 2..n (waiting for step n)."""
         jax.block_until_ready(metrics)
-        self.step_s = (time.time() - self.first_done) / steps_after_first
+        self.step_s = (time.time() - self.first_done) / (n - 1)
 
-    def trained(self, steps: int, seconds: float):
+    def trained(self, steps: int):
+        """At the epoch's end (the device done): times its steps 2..steps."""
         if steps > 1:
             self.step_s = (time.time() - self.first_done) / (steps - 1)
-        elif self.step_s is None:
-            self.step_s = seconds
 
     def ended(self, seconds: float):
         self.end_s = seconds
 
     def epoch_end_s(self, run: Run) -> float:
-        """Measured; before the first epoch's end, guessed from the step: an evaluation batch costs about
-        a training step (its forward pass, twice with --tta_flip, is a third of a step's work each)."""
+        """Measured; before the first epoch's end, guessed from the step: an evaluation batch takes about
+        as long as a training step (its forward pass, twice with --tta_flip, is a third of a step's work)."""
         if self.end_s is not None:
             return self.end_s
         return data.num_batches(len(run.test[0]), run.cfg.batch_size) * self.step_s + 1.0
@@ -288,12 +289,14 @@ class Clock:
         return budget.training_deadline(self.end_s or 0.0)
 
 
-def revise(run: Run, clock: Clock, done: int, total: int) -> int:
-    """The run's length from what it measured, the same in every process (process 0's); printed when
-    it changes, and kept in the checkpoint's meta."""
+def revise(run: Run, clock: Clock, done: int, total: int, metrics=None) -> int:
+    """The run's length from what it measured (mid-epoch, given the running sums, it times the steps so
+    far first), the same in every process (process 0's); printed when it changes, and kept in the
+    checkpoint's meta. The compiled step stays: the schedule's numbers are its arguments."""
+    if metrics is not None:
+        clock.measure(REVISE_AFTER, metrics)
     end_s = clock.epoch_end_s(run)
-    revised = run.budget.total_steps(done, run.steps_per_epoch, clock.step_s, end_s)
-    revised = distributed.same_everywhere(revised)
+    revised = distributed.same_everywhere(run.budget.total_steps(done, run.steps_per_epoch, clock.step_s, end_s))
     if revised != total:
         print(f"Budget: {run.budget.describe(revised, run.steps_per_epoch, clock.step_s, end_s)}")
         run.train_fn = step.jit_train_step(run.parallel, step.Settings.of(run.model_cfg, run.cfg),
@@ -329,7 +332,7 @@ def check_finite(metrics, cfg: TrainConfig, steps_per_epoch: int):
             f"and another --workdir (or --fresh)")
 
 
-def evaluate(run: Run, state, metrics, epoch: int, first: int, t0: float, train_seconds: float) -> dict:
+def evaluate(run: Run, state, metrics, epoch: int, t0: float, train_seconds: float) -> dict:
     """The epoch's metrics row: its training sums and the test split's loss and accuracy."""
     train_loss, train_acc = step.means(metrics)
     test_loss, test_acc = step.evaluate(run.eval_fn, run.parallel, step.eval_params(state),
@@ -369,11 +372,10 @@ def save_latest(run: Run, state, metrics, meta: dict, t0: float):
     run.checkpoints.save_latest(state, metrics, {**meta, "seconds_in_epoch": time.time() - t0})
 
 
-def warn_cpu(run: Run, step_s: float):
-    hint = ("" if run.model_cfg.img_size <= 32 else
-            "; --recipe fast (native 32x32 input, made for short budgets) gets further in minutes")
-    epoch_s = step_s * run.steps_per_epoch
+def warn_cpu(step_s: float, steps_per_epoch: int):
+    epoch_s = step_s * steps_per_epoch
     eta = f"{epoch_s:.0f} s" if epoch_s < 120 else f"{epoch_s / 60:.0f} min"
+    hint = "; --recipe fast (native 32x32 input, made for short budgets) gets further in minutes" if epoch_s > 600 else ""
     print(f"warning: no accelerator found, running on the CPU at ~{step_s:.2f} s/batch, ~{eta} per epoch{hint}",
           file=sys.stderr, flush=True)
 
