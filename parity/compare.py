@@ -17,13 +17,13 @@ percentages, in the table and in --json.
 """
 
 import dataclasses
+import functools
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +32,7 @@ from parity.port import flax_to_torch, read_torch_checkpoint, torch_to_flax
 from vit_jax import augment, data, step
 from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig, recipe_of
 from vit_jax.errors import CommandParser, UserError, cli
-from vit_jax.model import VisionTransformer as FlaxViT, init_params
+from vit_jax.model import init_params
 from vit_jax.files import atomic_open
 from vit_jax.workdir import check_output, load_best
 
@@ -150,20 +150,19 @@ def _global_norm(tensors) -> float:
 
 
 def _jax_side(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int):
-    """The run's schedule, and a jitted step (params, opt_state, x, y, count) -> (params, opt_state, loss,
-    grads) with the run's optimizer: vit_jax.step's, at the schedule's rate for update `count`."""
-    tx, schedule = step.make_optimizer(cfg), step.Schedule.of(cfg, steps_per_epoch)
-    apply = FlaxViT(model_cfg).apply
+    """The run's schedule, and a jitted update (state, x, y) -> (state, loss, grads) made of training's own
+    pieces: step.loss (dropout off, as the twin in eval mode) and TrainState.apply_gradients, the one
+    AdamW step, at the schedule's rate."""
+    schedule = step.Schedule.of(cfg, steps_per_epoch)
 
     @jax.jit
-    def update(params, opt_state, x, y, count):
-        def loss_fn(p):
-            return optax.softmax_cross_entropy_with_integer_labels(apply({"params": p}, x), y).mean()
+    def update(state, x, y):
+        loss_fn = functools.partial(step.loss, state.apply_fn, 0.0)
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, x, y, jnp.ones(len(y)), jax.random.key(0), "mean")
+        return state.apply_gradients(grads=grads, lr=schedule(state.step)), sums["loss"] / len(y), grads
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        return *step.adamw_update(tx, params, opt_state, grads, schedule(count)), loss, grads
-
-    return tx, schedule, update
+    no_dropout = dataclasses.replace(model_cfg, drop_rate=0.0, drop_path_rate=0.0)
+    return schedule, update, lambda params: step.create_train_state(no_dropout, cfg, params)
 
 
 def _drift(start_params, final_params, model: TorchViT, model_cfg: ModelConfig) -> dict:
@@ -198,18 +197,17 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
     Hence the verdict is on the parameters' drift apart in norm, relative to how far they moved, with
     the key biases reported apart; a mismatched optimizer or schedule shifts every element.
     """
-    tx, schedule, jax_update = _jax_side(model_cfg, cfg, steps_per_epoch)
+    schedule, jax_update, new_state = _jax_side(model_cfg, cfg, steps_per_epoch)
     optimizer = _torch_optimizer(model, cfg)
     # PyTorch's CosineAnnealingLR(T_max=epochs), stepped once per epoch: what epoch_cosine mirrors.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    params = jax.tree.map(jnp.asarray, flax_params)
-    opt_state = tx.init(params)
+    state = new_state(jax.tree.map(jnp.asarray, flax_params))
     rows, grad_rel = [], None
     for i in range(steps):
         idx = np.arange(i * batch_size, (i + 1) * batch_size) % len(images)  # cycles a short split
         x, y = np.asarray(augment.preprocess(images[idx], model_cfg.img_size)), labels[idx]
         lr_jax, lr_torch = float(schedule(i)), optimizer.param_groups[0]["lr"]
-        params, opt_state, loss_j, grads_j = jax_update(params, opt_state, x, y, i)
+        state, loss_j, grads_j = jax_update(state, x, y)
         optimizer.zero_grad()
         loss_t = F.cross_entropy(model(nchw(x, _device(model))), torch.from_numpy(y.astype(np.int64)).to(_device(model)))
         loss_t.backward()
@@ -224,7 +222,7 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
             scheduler.step()
         rows.append({"step": i + 1, "lr_jax": lr_jax, "lr_torch": lr_torch,
                      "jax_loss": float(loss_j), "torch_loss": loss_t.item()})
-    drift = _drift(flax_params, params, model, model_cfg)
+    drift = _drift(flax_params, state.params, model, model_cfg)
     lr_diff = max(abs(r["lr_jax"] - r["lr_torch"]) for r in rows) / cfg.lr
     return {
         "steps": steps, "batch_size": batch_size, "num_images": len(images), "steps_per_epoch": steps_per_epoch,
