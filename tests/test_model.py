@@ -123,24 +123,9 @@ def test_fused_attention_and_the_spelled_out_softmax_agree():
     np.testing.assert_allclose(fused, spelled, rtol=1e-5, atol=1e-6)
 
 
-def test_the_cpu_backward_of_the_linear_layers_equals_autodiff():
-    from vit_jax import layers
-
-    kx, kw, kb, kg = jax.random.split(jax.random.key(0), 4)
-    for fan_in, fan_out in ((32, 96), (96, 32)):  # both branches: transpose g or x
-        x = jax.random.normal(kx, (4, 17, fan_in))
-        w, b = jax.random.normal(kw, (fan_in, fan_out)), jax.random.normal(kb, (fan_out,))
-        g = jax.random.normal(kg, (4, 17, fan_out))
-        custom = jax.vjp(layers._linear_cpu, x, w, b)
-        plain = jax.vjp(lambda x, w, b: jnp.einsum("bti,io->bto", x, w) + b, x, w, b)
-        np.testing.assert_allclose(custom[0], plain[0], rtol=1e-5, atol=1e-5)
-        for mine, reference in zip(custom[1](g), plain[1](g)):
-            np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-4)
-
-
 def test_the_patch_projection_is_the_strided_convolution():
     """Same parameters, same output and gradients as nn.Conv(D, (p, p), strides p, VALID)."""
-    from vit_jax.layers import PatchProjection
+    from vit_jax.model import PatchProjection
 
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     conv = nn.Conv(16, (8, 8), strides=(8, 8), padding="VALID")

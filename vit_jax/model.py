@@ -4,8 +4,7 @@
 attribute names, so that the weight port is a table and the two can be compared stage by stage.
 Framework defaults that differ are pinned where they are used: LayerNorm epsilon 1e-6 (timm's and
 Flax's default, not PyTorch's 1e-5), exact erf GELU (not Flax's tanh approximation), images NHWC
-here and NCHW in PyTorch. The linear layers (`layers.py`) have nn.Dense's and nn.Conv's parameters
-and compute the same numbers, with a backward pass that is faster on the CPU.
+here and NCHW in PyTorch.
 """
 
 import functools
@@ -16,7 +15,6 @@ import flax.linen as nn
 from jax import lax
 
 from vit_jax.config import ModelConfig
-from vit_jax.layers import Dense, PatchProjection
 
 LN_EPS = 1e-6  # timm's ViT; so timm users loading our weights get the same logits.
 trunc_init = nn.initializers.truncated_normal(stddev=0.02)  # timm's init of weights and embeddings
@@ -28,6 +26,29 @@ def gelu(x):
     Flax's nn.gelu defaults to the tanh form; its exact form goes through erfc, which XLA:CPU
     expands into a polynomial twice as slow as erf's."""
     return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
+class PatchProjection(nn.Module):
+    """nn.Conv(features, (p, p), strides p, padding VALID) as one matmul: NHWC images -> (B, N, D).
+
+    The same parameters as the convolution (kernel (p, p, C, D), bias), used as a (p * p * C, D)
+    matrix on the patches flattened in (row, column, channel) order. The strided convolution's weight
+    gradient would be a dilated convolution, slow on a CPU; this one's is a matmul."""
+
+    features: int
+    patch_size: int
+    dtype: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        p = self.patch_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, C, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        patches = x.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)  # (B, H/p, W/p, p, p, C)
+        patches = patches.reshape(B, (H // p) * (W // p), p * p * C)  # (B, N, p*p*C), row-major
+        dtype = self.dtype or x.dtype
+        return patches.astype(dtype) @ kernel.reshape(-1, self.features).astype(dtype) + bias.astype(dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -56,8 +77,8 @@ class Attention(nn.Module):
 
     def setup(self):
         c = self.config
-        self.qkv = Dense(3 * c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
-        self.proj = Dense(c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
+        self.qkv = nn.Dense(3 * c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
+        self.proj = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
         self.proj_drop = nn.Dropout(c.drop_rate)
 
     def __call__(self, x, deterministic: bool):
@@ -81,9 +102,9 @@ class Mlp(nn.Module):
 
     def setup(self):
         c = self.config
-        self.fc1 = Dense(int(c.embed_dim * c.mlp_ratio), dtype=c.dtype, kernel_init=trunc_init)
+        self.fc1 = nn.Dense(int(c.embed_dim * c.mlp_ratio), dtype=c.dtype, kernel_init=trunc_init)
         self.drop1 = nn.Dropout(c.drop_rate)
-        self.fc2 = Dense(c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
+        self.fc2 = nn.Dense(c.embed_dim, dtype=c.dtype, kernel_init=trunc_init)
         self.drop2 = nn.Dropout(c.drop_rate)
 
     def __call__(self, x, deterministic: bool):
@@ -136,7 +157,7 @@ class VisionTransformer(nn.Module):
             self.fc_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
         else:
             self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
-        self.head = Dense(c.num_classes, dtype=c.dtype, kernel_init=trunc_init)
+        self.head = nn.Dense(c.num_classes, dtype=c.dtype, kernel_init=trunc_init)
 
     def forward_features(self, x, train: bool = False):
         """Images -> tokens (B, T, D) after the blocks (and the final norm, with the class token's

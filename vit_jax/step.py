@@ -96,10 +96,10 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return _optimizer(cfg.weight_decay, cfg.decay_all, cfg.grad_clip)
 
 
-@functools.cache  # one object per setting: states made apart (a budget's plan, its run) compile as one
+@functools.cache  # one object per setting: states made apart share one compiled step
 def _optimizer(weight_decay: float, decay_all: bool, grad_clip: float) -> optax.GradientTransformation:
     # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root. The
-    # rate is a function, as the schedule once was here: optax then keeps its count in the state.
+    # rate of 1 is a function, so that optax keeps the update count in its state, as with a schedule.
     adamw = optax.adamw(lambda count: 1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
                         mask=None if decay_all else decay_mask)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
@@ -236,12 +236,9 @@ class Settings:
                    cfg.tta_flip, micro_batches(model_cfg, cfg), cfg.augment, cfg.augment and cfg.crop)
 
 
-# On the CPU a step runs fastest with its batch in micro-batches of a few hundred tokens per device:
-# their activations stay in the caches from one operation to the next. Measured on a 2-core AMD EPYC
-# (Zen 3), batch 64, ms per step with K micro-batches (python -m vit_jax.bench --grad_accum K):
-# cifar (65 tokens) 2,056 (K=1), 1,560 (8), 1,551 (16); seed (197 tokens) 15,656 (1), 11,706 (8),
-# 10,787 (16), 10,771 (32); fast (16 tokens) 117 (1), 106 (2), 123 (4). On another day of the same
-# machine the gain was smaller, and 16 still the best: cifar 1,483 (1), 1,466 (8), 1,373 (16).
+# The one mechanism here for one kind of device's speed: on a CPU a step runs faster with its batch in
+# micro-batches of a few hundred tokens per device, whose activations stay in the caches from one
+# operation to the next (10-20% a step for the fast and cifar recipes; docs/benchmarks.md).
 CPU_MICRO_BATCH_TOKENS = 512
 
 
