@@ -72,6 +72,7 @@ def two_by_two(archive, tmp_path_factory):
         assert status == 0, err[-3000:]
     assert "Device: 2 processes x 2 x cpu" in results[0][1]
     assert results[1][1].splitlines() == [f"Process 1 of 2: joining localhost:{port}"]  # then process 0 speaks
+    assert "warning: no accelerator found" in results[0][2] and "warning:" not in results[1][2], results[1][2]
     return workdir
 
 
