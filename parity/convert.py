@@ -65,16 +65,19 @@ def convert(path: str, model_cfg: ModelConfig | None = None, out: str | None = N
 
 
 def train_command(out: str, cfg: ModelConfig) -> str:
-    """`python -m vit_jax.train` with --init_from OUT and the model flags that build exactly `cfg`."""
-    preset = next((name for name, c in PRESETS.items()
-                   if all(getattr(c, f) == getattr(cfg, f) for f in weights.ARCHITECTURE)), None)
-    args = ["--init_from", out] + (["--preset", preset] if preset else [])
-    base = config_lib.parse_args(args[2:] + ["--recipe", RECIPE])[1]  # what the flags so far build
-    for name in weights.ARCHITECTURE:
-        value = getattr(cfg, name)
-        if value != getattr(base, name):
-            args += [f"--{name}" if value is True else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
-    return "python -m vit_jax.train " + shlex.join(args + ["--recipe", RECIPE])
+    """`python -m vit_jax.train` with --init_from OUT and the model flags that build exactly `cfg`: the
+    preset nearest to it (or the recipe's model), and a flag for each field that differs from it."""
+    def flags(preset):
+        args = ["--preset", preset] if preset else []
+        base = config_lib.parse_args(args + ["--recipe", RECIPE])[1]  # what these flags build
+        for name in weights.ARCHITECTURE:
+            value = getattr(cfg, name)
+            if value != getattr(base, name):
+                args += [f"--{'' if value else 'no-'}{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
+        return args
+
+    args = min((flags(p) for p in [None, *PRESETS]), key=len)  # the first of the shortest: the recipe's own
+    return "python -m vit_jax.train " + shlex.join(["--init_from", out, *args, "--recipe", RECIPE])
 
 
 @cli

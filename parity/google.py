@@ -97,17 +97,16 @@ def is_google(keys) -> bool:
     return any(k.endswith("embedding/kernel") for k in keys)
 
 
-def read(arrays: dict) -> tuple[dict, ModelConfig, list[str]]:
-    """(Flax params, the checkpoint's architecture, what was left out) of a Google ViT .npz's arrays.
-
-    A checkpoint without a head gets a placeholder of one class (replaced when adapted: `adapt`)."""
+def read(arrays: dict) -> tuple[dict, ModelConfig, bool, list[str]]:
+    """(Flax params, the checkpoint's architecture, whether its head can be kept, what was left out) of
+    a Google ViT .npz's arrays. Without a head to keep, a placeholder of one class (replaced: `adapt`)."""
     prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in arrays), "")
     arrays = {k[len(prefix):]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
     dropped = [k for k in PRE_LOGITS if k in arrays]
     for k in dropped:
         del arrays[k]
     config, head = architecture({k: v.shape for k, v in arrays.items()})
-    return to_flax(arrays, config, head), config, dropped
+    return to_flax(arrays, config, head), config, head and not dropped, dropped
 
 
 def architecture(shapes: dict[str, tuple]) -> tuple[ModelConfig, bool]:

@@ -175,10 +175,10 @@ def _read_npz(path: str, expect: ModelConfig | None) -> Pretrained:
     except (OSError, ValueError) as e:
         raise UserError(f"{path!r} is not a .npz that numpy can read ({reason(e)})") from None
     if google.is_google(arrays):
-        params, config, dropped = google.read(arrays)
+        params, config, head, dropped = google.read(arrays)
         if expect is not None and config != expect:
             raise UserError(f"{path!r} holds a ViT other than the --preset given: {config}")
-        return Pretrained(params, config, GOOGLE_RESAMPLE, "head/kernel" in arrays and not dropped, tuple(dropped))
+        return Pretrained(params, config, GOOGLE_RESAMPLE, head, tuple(dropped))
     if weights.CONFIG_KEY in arrays:  # this project's own parameters (vit_jax.weights)
         saved = json.loads(str(arrays[weights.CONFIG_KEY]))
         names = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -149,3 +149,9 @@ def import_timm():
             sys.meta_path.insert(0, _TorchvisionStandIn())
     import timm
     return timm
+
+
+@pytest.fixture(scope="session")
+def timm():
+    """timm, imported as `import_timm` does."""
+    return import_timm()
