@@ -373,3 +373,11 @@ def test_the_finetune_recipe_is_googles():
     assert 0 < cfg.warmup_epochs < cfg.epochs
     with pytest.raises(UserError, match="optimizer must be adamw or sgd, got 'adam'"):
         config_lib.parse_args(["--optimizer", "adam"])
+
+
+def test_init_from_a_file_not_yet_converted_says_to_convert_it(timm_files, tmp_path):
+    cfg = config_lib.ModelConfig(img_size=32, num_classes=7, **ARCH)
+    for path, kind in ((_google_npz(str(tmp_path / "g.npz")), "a Google ViT checkpoint"),
+                       (timm_files["safetensors"], "a PyTorch checkpoint")):
+        with pytest.raises(UserError, match=f"is {kind}: convert it first with python -m parity.convert {path}"):
+            weights.load(path, cfg)
