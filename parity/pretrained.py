@@ -130,6 +130,10 @@ def timm_architecture(shapes: dict, what: str, num_heads=None, hints: dict | Non
     """The architecture of a timm ViT state_dict from its shapes, the head count from the flag, the
     config.json's model_args, or a model name (the config's architecture, `name`, or the path's)."""
     hints = hints or {}
+    # The weights do not say which activation their MLP used; timm's config does (CLIP's quick_gelu).
+    act = (hints.get("model_args") or {}).get("act_layer")
+    if act not in (None, "gelu"):
+        raise UserError(f"{what!r} is a ViT with the activation {act!r}, which this model cannot hold (exact GELU)")
     dim, channels, p, p2 = shapes["patch_embed.proj.weight"]
     class_token = "cls_token" in shapes
     if "pos_embed" not in shapes:
@@ -230,6 +234,9 @@ def from_timm(name: str, num_heads=None, then: str = "") -> Pretrained:
     timm = import_timm()
     if not timm.list_models(name.split(".")[0]):
         raise UserError(f"timm has no model {name!r}: see timm.list_models('vit_*', pretrained=True)")
+    if not timm.list_models(name.split(".")[0], module="vision_transformer"):
+        raise UserError(f"timm's {name} is not one of its VisionTransformers, which this model mirrors: choose a "
+                        f"vit_* model (timm.list_models('vit_*', pretrained=True))")
     cfg = timm.models.get_pretrained_cfg(name)
     try:
         model = timm.create_model(name, pretrained=True)
@@ -243,5 +250,11 @@ def from_timm(name: str, num_heads=None, then: str = "") -> Pretrained:
         raise UserError(f"cannot download timm's {name} ({type(e).__name__}: {reason(e)}): on a machine with "
                         f"internet fetch {what} into a folder {folder}/, then run python -m parity.convert "
                         f"{folder}/{file}{then}") from None
-    heads = num_heads or getattr(model.blocks[0].attn, "num_heads", None)
+    block = model.blocks[0]
+    # What the weights do not show: the activation and the LayerNorm's epsilon must be ours.
+    if not (isinstance(block.mlp.act, torch.nn.GELU) and block.mlp.act.approximate == "none"
+            and getattr(block.norm1, "eps", None) == 1e-6):
+        raise UserError(f"timm's {name} computes its blocks otherwise than this model ({block.mlp.act}, "
+                        f"{block.norm1}): exact GELU and LayerNorm epsilon 1e-6 are needed")
+    heads = num_heads or getattr(block.attn, "num_heads", None)
     return from_state_dict(model.state_dict(), f"timm's {name}", num_heads=heads, name=name)

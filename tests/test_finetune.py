@@ -258,6 +258,19 @@ def test_what_this_model_cannot_hold_is_one_line(make, named, timm, tmp_path, ca
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and named in err, err
 
 
+def test_what_the_weights_do_not_show_is_read_from_timms_config(timm, tmp_path, capsys):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, act_layer="quick_gelu", **ARCH)
+    timm.models.save_for_hf(model, str(tmp_path / "hub"), model_args={"act_layer": "quick_gelu"})
+    with pytest.raises(SystemExit):
+        convert.main([str(tmp_path / "hub")])
+    assert "is a ViT with the activation 'quick_gelu', which this model cannot hold" in capsys.readouterr().err
+    for name, message in (("resnet18", "timm's resnet18 is not one of its VisionTransformers"),
+                          ("vit_nonexistent_patch3", "timm has no model 'vit_nonexistent_patch3'")):
+        with pytest.raises(SystemExit):
+            convert.main(["--timm", name])
+        assert message in capsys.readouterr().err
+
+
 def test_the_head_count_is_asked_for_when_nothing_says_it(timm_files, capsys):
     with pytest.raises(SystemExit) as e:
         convert.main([timm_files["safetensors"]])
