@@ -394,3 +394,12 @@ def test_init_from_a_file_not_yet_converted_says_to_convert_it(timm_files, tmp_p
                        (timm_files["safetensors"], "a PyTorch checkpoint")):
         with pytest.raises(UserError, match=f"is {kind}: convert it first with python -m parity.convert {path}"):
             weights.load(path, cfg)
+
+
+def test_eval_npz_script_reads_a_converted_file(timm_files, cifar_archive, tmp_path, capsys):
+    import runpy
+
+    out, _ = _convert([timm_files["hub folder"], "--out", str(tmp_path / "w.npz")], capsys)
+    script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "eval_npz.py"))
+    acc = script["main"](out, cifar_archive, batch_size=8)
+    assert f"{out}: img 32, test loss 2.3026, test acc {acc:.2f}% on 32 images" in capsys.readouterr().out
