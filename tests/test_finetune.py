@@ -379,6 +379,29 @@ def test_sgd_is_torchs_sgd_with_momentum_under_the_schedule():
         assert np.abs(params["w"] - start).max() > 0.05  # it moved
 
 
+def test_sgd_trains_the_twin_and_the_flax_model_alike(monkeypatch):
+    """Ten SGD steps of both models from the same weights (parity.compare's training check), with weight
+    decay spared on biases, norms and embeddings as AdamW spares them, and clipping."""
+    from parity import compare
+
+    cfg_model = config_lib.PRESETS["test"]
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: step.init_params(cfg_model, jax.random.key(0)))
+    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    images, labels = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 40).astype(np.int32)
+    cfg = TrainConfig(preset="test", optimizer="sgd", lr=0.05, weight_decay=1e-3, decay_all=False, grad_clip=1.0,
+                      epochs=2)
+    r = compare.train_parity(params, compare.torch_twin(cfg_model, params), cfg_model, cfg, images, labels,
+                             steps=10, batch_size=8, steps_per_epoch=5)
+    assert r["passed"] and r["param_drift"] <= compare.TRAIN_TOLERANCE, r
+    assert r["losses"][-1]["jax_loss"] != r["losses"][0]["jax_loss"]
+    # The check has teeth: PyTorch's SGD without momentum in its place fails it.
+    monkeypatch.setattr(compare, "_torch_optimizer", lambda model, c: torch.optim.SGD(model.parameters(), lr=c.lr))
+    r = compare.train_parity(params, compare.torch_twin(cfg_model, params), cfg_model, cfg, images, labels,
+                             steps=10, batch_size=8, steps_per_epoch=5)
+    assert not r["passed"]
+
+
 def test_the_finetune_recipe_is_googles():
     cfg, _ = config_lib.parse_args(["--recipe", "finetune"])
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.schedule, cfg.grad_clip) == \
