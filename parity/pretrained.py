@@ -37,7 +37,8 @@ GOOGLE_RESAMPLE = ("bilinear", False)
 
 # Heads by timm's size names (vit_tiny_patch16_224, ...): 64 channels per head in every one.
 HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16}
-HUB_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")  # a hub folder's weights, by preference
+# A folder's weights, by preference: the hub's, then parity.export's in a training run's workdir.
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "best_model.pth")
 
 # Parts of timm's ViTs that this model has no place for: (key pattern, what the checkpoint has).
 CANNOT_HOLD = [
@@ -69,6 +70,9 @@ def read(path: str, num_heads: int | None = None, expect: ModelConfig | None = N
     """Any checkpoint above. `expect`: the architecture the file must have (as `--preset`), checked strictly."""
     if os.path.isdir(path):
         found = [os.path.join(path, f) for f in HUB_FILES if os.path.isfile(os.path.join(path, f))]
+        if not found and os.path.isdir(os.path.join(path, "best")):  # a workdir (vit_jax.workdir's best/)
+            raise UserError(f"{path!r} is a training run's workdir: export its best model first with python -m "
+                            f"parity.export --workdir {path}, then convert the folder again")
         if not found:
             raise UserError(f"folder {path!r} holds none of {', '.join(HUB_FILES)}: give the weights file, or the "
                             f"folder timm's hub layout puts it in")

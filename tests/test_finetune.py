@@ -342,6 +342,16 @@ def test_a_converted_checkpoint_fine_tunes_and_learns(finetuned):
     assert rows[-1]["train_acc"] > 25.0, rows  # chance: 10%
 
 
+def test_a_workdir_converts_once_exported(finetuned, tmp_path, capsys):
+    workdir, cfg = finetuned
+    with pytest.raises(UserError, match="is a training run's workdir: export its best model first with python -m "
+                                        f"parity.export --workdir {workdir}"):
+        convert.convert(workdir, out=str(tmp_path / "w.npz"))
+    export.export(workdir)  # WORKDIR/best_model.pth
+    out = convert.convert(workdir, out=str(tmp_path / "w.npz"))
+    jax.tree.map(np.testing.assert_array_equal, weights.load(out, cfg), load_best(workdir).params)
+
+
 def test_a_fine_tuned_model_loads_into_the_twin_and_into_timm(finetuned, timm, tmp_path):
     workdir, cfg = finetuned
     pth = export.export(workdir, str(tmp_path / "best.pth"))
