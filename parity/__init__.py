@@ -3,7 +3,11 @@
     model.py    the ViT in PyTorch, class by class and stage by stage as `vit_jax/model.py`
     port.py     Flax params <-> PyTorch state_dict, from one table of correspondences
     export.py   `python -m parity.export`: a workdir's best model as a PyTorch checkpoint (.pth)
-    convert.py  `python -m parity.convert`: a .pth as the .npz of Flax parameters that --init_from reads
+    pretrained.py  the checkpoints people have (timm's, this project's, Google's) read, their architecture too
+    google.py   Google's ViT .npz -> Flax params, from one table
+    adapt.py    a pretrained ViT fitted to the task: position embedding resampled, a new zero head
+    convert.py  `python -m parity.convert`: any of them, adapted, as the .npz of Flax parameters that
+                --init_from reads, and the command that fine-tunes it
     compare.py  `python -m parity.compare`: logits, stages and training of both, side by side
     bench.py    `python -m parity.bench`: the two train steps' speed on the same device
 

@@ -135,13 +135,15 @@ def forward_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, images,
 
 
 def _torch_optimizer(model: TorchViT, cfg: TrainConfig):
-    """torch.optim.AdamW as vit_jax.step.make_optimizer builds optax's; without decay_all, the same
-    parameters as step.decay_mask are spared."""
+    """torch.optim.AdamW (or SGD with momentum 0.9, with --optimizer sgd) as vit_jax.step.make_optimizer
+    builds optax's; without decay_all, the same parameters as step.decay_mask are spared."""
     decay, spared = [], []
     for name, p in model.named_parameters():
         keep = cfg.decay_all or (p.ndim > 1 and name not in ("cls_token", "pos_embed"))
         (decay if keep else spared).append(p)
     groups = [{"params": decay}] + ([{"params": spared, "weight_decay": 0.0}] if spared else [])
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 

@@ -14,6 +14,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
+import importlib.abc
+import importlib.machinery
+import sys
+import types
 import jax
 import numpy as np
 import pytest
@@ -90,3 +94,69 @@ def cifar_archive(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("archive")
     write_cifar_archive(str(tmp), 20, 32, seed=1)
     return str(tmp / "cifar-10-binary.tar.gz")
+
+
+# timm ------------------------------------------------------------------------------------------------
+
+
+class _StandInMeta(type):
+    def __getattr__(cls, name):  # class attributes read at import time: InterpolationMode.BICUBIC
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stand_in(name)
+
+
+def _stand_in(name: str):
+    return _StandInMeta(name, (), {"__module__": "torchvision (test stand-in)"})
+
+
+def _module_getattr(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _stand_in(name)
+
+
+class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves `torchvision` and every `torchvision.X` as an empty package whose names are stand-in classes."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__getattr__ = _module_getattr
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def import_timm():
+    """timm, the independent reference of the fine-tuning tests. Test-only.
+
+    timm 1.0.31 imports torchvision when it is imported (FrozenBatchNorm2d in timm/layers/create_norm.py,
+    norm_act.py and utils/model.py; datasets and transforms in timm/data, which timm.models imports), and
+    the only torchvision wheels on offer here are CUDA builds that fail to load beside the CPU torch
+    (RuntimeError: operator torchvision::nms does not exist). The ViT uses none of it. So when the real
+    torchvision cannot be imported, `torchvision` and its submodules (torchvision.ops.misc with its
+    FrozenBatchNorm2d, torchvision.transforms, ...) become stand-ins, put in front of sys.meta_path before
+    timm is imported. The product never imports timm except for `parity.convert --timm NAME`.
+    """
+    if "timm" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:  # ImportError, or the RuntimeError of a build for another torch
+            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+                del sys.modules[name]  # what the failed import left half-made
+            sys.meta_path.insert(0, _TorchvisionStandIn())
+    import timm
+    return timm
+
+
+@pytest.fixture(scope="session")
+def timm():
+    """timm, imported as `import_timm` does."""
+    return import_timm()

@@ -39,7 +39,7 @@ def test_recipes_set_defaults_that_flags_override():
     assert config_lib.parse_args([]) == config_lib.recipe_defaults("tutorial")  # the tutorial's, as before
     assert config_lib.parse_args([])[0] == dataclasses.replace(TrainConfig(), recipe="tutorial")
     help_text = config_lib.build_parser("x").format_help()
-    for flag in ("--recipe {tutorial,cifar,fast,test,vit_ti16,vit_s16,vit_b16}", "--label_smoothing", "--grad_clip", "--ema_decay", "--tta_flip",
+    for flag in ("--recipe {tutorial,cifar,fast,test,vit_ti16,vit_s16,vit_b16,finetune}", "--label_smoothing", "--grad_clip", "--ema_decay", "--tta_flip",
                  "--time_budget", "--global_pool", "--class_token"):
         assert flag in help_text, flag
 

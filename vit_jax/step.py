@@ -90,24 +90,31 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW at a learning rate of 1 (the schedule scales its updates: `adamw_update`); with --grad_clip,
-    the gradients' global norm is capped first (as torch.nn.utils.clip_grad_norm_ before the
-    optimizer's step)."""
-    return _optimizer(cfg.weight_decay, cfg.decay_all, cfg.grad_clip)
+    """AdamW (or with --optimizer sgd, SGD with momentum 0.9) at a learning rate of 1 (the schedule scales
+    its updates: `adamw_update`); with --grad_clip, the gradients' global norm is capped first (as
+    torch.nn.utils.clip_grad_norm_ before the optimizer's step)."""
+    return _optimizer(cfg.weight_decay, cfg.decay_all, cfg.grad_clip, cfg.optimizer)
 
 
 @functools.cache  # one object per setting: states made apart share one compiled step
-def _optimizer(weight_decay: float, decay_all: bool, grad_clip: float) -> optax.GradientTransformation:
-    # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root. The
-    # rate of 1 is a function, so that optax keeps the update count in its state, as with a schedule.
-    adamw = optax.adamw(lambda count: 1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
-                        mask=None if decay_all else decay_mask)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+def _optimizer(weight_decay: float, decay_all: bool, grad_clip: float,
+               optimizer: str = "adamw") -> optax.GradientTransformation:
+    mask = None if decay_all else decay_mask
+    if optimizer == "sgd":
+        # torch.optim.SGD(momentum=0.9)'s: buf = 0.9 buf + (grad + weight_decay * params), params -= lr * buf.
+        sgd = optax.sgd(1.0, momentum=0.9)
+        tx = optax.chain(optax.add_decayed_weights(weight_decay, mask), sgd) if weight_decay else sgd
+    else:
+        # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root. The
+        # rate of 1 is a function, so that optax keeps the update count in its state, as with a schedule.
+        tx = optax.adamw(lambda count: 1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip else tx
 
 
 def adamw_update(tx: optax.GradientTransformation, params, opt_state, grads, lr):
     """(params, opt_state) after one step of `tx`, its update scaled by the learning rate `lr`: AdamW's
-    -lr * (Adam's direction + weight_decay * params), as optax computes it with the rate inside."""
+    -lr * (Adam's direction + weight_decay * params), as optax computes it with the rate inside (SGD's:
+    -lr * its momentum buffer, as torch.optim.SGD's step with the scheduler's rate)."""
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates)), opt_state
 
@@ -116,7 +123,8 @@ def create_train_state(model_cfg: ModelConfig, cfg: TrainConfig, params=None) ->
     """A fresh state: random parameters from cfg.seed unless `params` are given."""
     if params is None:
         params = init_params(model_cfg, jax.random.key(cfg.seed))
-    return _new_state(model_cfg, (cfg.weight_decay, cfg.decay_all, cfg.grad_clip), bool(cfg.ema_decay), params)
+    return _new_state(model_cfg, (cfg.weight_decay, cfg.decay_all, cfg.grad_clip, cfg.optimizer), bool(cfg.ema_decay),
+                      params)
 
 
 # Jitted: the optimizer's zeros and the average's copy in one compiled program, instead of one small
@@ -256,7 +264,7 @@ def micro_batches(model_cfg: ModelConfig, cfg: TrainConfig) -> int:
 
 
 def train_step(state: TrainState, metrics: dict, images, labels, mask, key, schedule: Schedule, settings: Settings):
-    """One AdamW update on a uint8 batch, at the schedule's rate; padding examples (mask 0) carry no weight.
+    """One optimizer update on a uint8 batch, at the schedule's rate; padding examples (mask 0) carry no weight.
 
     Randomness is a pure function of (key, step), so a resumed run draws what an uninterrupted one would.
     With settings.grad_accum K (`micro_batches`) the batch goes through the model as K micro-batches, one

@@ -59,7 +59,7 @@ def load(path: str, config: ModelConfig) -> dict:
     """Flax params for `config` from a .npz written by `save`; every key and shape must fit."""
     if not os.path.isfile(path):
         raise UserError(f"no parameters file at {path!r}: give a .npz written by python -m parity.convert")
-    if path.endswith((".pth", ".pt")):
+    if path.endswith((".pth", ".pt", ".bin", ".safetensors")):
         raise UserError(f"{path!r} is a PyTorch checkpoint: convert it first with python -m parity.convert {path} "
                         f"(it writes {os.path.splitext(path)[0]}.npz), then pass that to --init_from")
     try:
@@ -72,6 +72,9 @@ def load(path: str, config: ModelConfig) -> dict:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOFError: an empty file
         raise UserError(f"{path!r} is not a parameters file ({reason(e)}): give a .npz written by "
                         f"python -m parity.convert") from None
+    if saved is None and any(k.endswith("embedding/kernel") for k in arrays):
+        raise UserError(f"{path!r} is a Google ViT checkpoint: convert it first with python -m parity.convert {path} "
+                        f"--img_size S --num_classes N, then pass the .npz it writes to --init_from")
     if isinstance(saved, dict):
         differ = [f"{k} {saved.get(k)} -> {getattr(config, k)}" for k in ARCHITECTURE if saved.get(k) != getattr(config, k)]
         if differ:
