@@ -14,6 +14,7 @@ from vit_jax.model import VisionTransformer, count_params, init_params
 
 EXPECTED_PARAMS = {
     "tutorial": 11_022_730,  # the tutorial's model (it prints 21.67M, the 12-layer count: vit_s16 below)
+    "finetune": 11_022_730,  # the tutorial's model, for want of flags: a fine-tuned model's come from its checkpoint
     "cifar": 4_771_082,
     "test": 24_234,
     "fast": 823_178,

@@ -105,7 +105,8 @@ def test_convert_a_bare_state_dict_and_the_tutorials_format(tmp_path, capsys):
     torch.save(model.state_dict(), bare)
     out = convert.main([bare, "--recipe", "test"])
     assert out == str(tmp_path / "bare.npz")
-    assert f"Fine-tune it with: python -m vit_jax.train --init_from {out} --recipe test" in capsys.readouterr().out
+    assert (f"Fine-tune it with: python -m vit_jax.train --init_from {out} --recipe finetune --img_size 32 --patch_size 8 "
+            f"--embed_dim 32 --depth 2 --num_heads 2 --mlp_ratio 2.0") in capsys.readouterr().out
     jax.tree.map(np.testing.assert_array_equal, weights.load(out, CFG), expected)
 
     # The tutorial's save, from a DataParallel model ('module.' keys), with the optimizer's state.

@@ -267,7 +267,7 @@ def test_a_real_full_filesystem(cifar_archive, tmp_path):
     ("vit_jax.data", ["prepare"], "the following arguments are required: --archive"),
     ("parity.bench", ["--stpes", "1"], "unrecognized arguments: --stpes 1"),
     ("parity.compare", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    ("parity.convert", [], "the following arguments are required: checkpoint"),
+    ("parity.convert", ["--out"], "argument --out: expected one argument"),
     ("parity.export", ["--outt", "x"], "unrecognized arguments: --outt x"),
 ])
 def test_a_mistyped_flag_is_one_line_that_says_where_the_flags_are(module, argv, message, capsys):
