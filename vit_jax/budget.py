@@ -2,11 +2,12 @@
 
 The run's length is a number of updates (its last epoch may be partial) that the run revises as it
 goes, from what it measures of itself on this machine: its steps once compiled, its evaluations and
-saves. It revises once early (`REVISE_AFTER` steps in) and after every epoch, so that a machine that
-speeds up or slows down during the run still has the budget used to its end. The schedule's numbers
-are arguments of the compiled step: a revision compiles nothing. Each revision is printed and kept
-in the checkpoint, so that a resumed run keeps the last one (it has no budget of its own left to
-plan by). Should the steps still run slower than measured, the last epoch stops early.
+saves. It revises once early (`REVISE_AFTER` steps into its first epoch) and after every epoch, so
+that a machine that speeds up or slows down during the run still has the budget used to its end.
+The schedule's numbers are arguments of the compiled step: a revision compiles nothing. Each
+revision is printed and kept in the checkpoint, so that a resumed run keeps the last one (it has no
+budget of its own left to plan by). Should the steps still run slower than measured, the epoch
+under way stops early.
 """
 
 import os
@@ -16,7 +17,7 @@ from vit_jax.errors import UserError
 
 SAFETY = 0.97  # of the time left, the part planned: steps vary a little, and a plan must not overrun
 END_SECONDS = 10.0  # for what follows the last evaluation: the summary, closing the checkpoints
-REVISE_AFTER = 20  # steps of the first epoch after which the first revision is made
+REVISE_AFTER = 20  # steps into the run's first epoch (of this process) at which it first revises
 
 
 def process_start() -> float:

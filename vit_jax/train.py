@@ -210,7 +210,7 @@ def train_epoch(run: Run, state, metrics, meta: dict, clock: "Clock", stop, t0: 
                 jax.block_until_ready(in_flight.popleft())
             bar.update()
             clock.stepped(done - first, metrics, run.steps_per_epoch)
-            if run.budget and done - first == REVISE_AFTER and done < last:
+            if run.budget and clock.end_s is None and done - first == REVISE_AFTER and done < last:  # early
                 meta["total_steps"] = revise(run, clock, done, meta["total_steps"], metrics)
                 last = min(last, meta["total_steps"])
             in_epoch = done - epoch * spe
@@ -375,7 +375,7 @@ def save_latest(run: Run, state, metrics, meta: dict, t0: float):
 def warn_cpu(step_s: float, steps_per_epoch: int):
     epoch_s = step_s * steps_per_epoch
     eta = f"{epoch_s:.0f} s" if epoch_s < 120 else f"{epoch_s / 60:.0f} min"
-    hint = "; --recipe fast (native 32x32 input, made for short budgets) gets further in minutes" if epoch_s > 600 else ""
+    hint = "; --recipe fast (32x32 input, made for short budgets) gets further in minutes" if epoch_s > 600 else ""
     print(f"warning: no accelerator found, running on the CPU at ~{step_s:.2f} s/batch, ~{eta} per epoch{hint}",
           file=sys.stderr, flush=True)
 
