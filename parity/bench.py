@@ -30,7 +30,6 @@ from vit_jax import augment
 from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import MODELS, RECIPES, TrainConfig
-from vit_jax.devices import one_device_per_core
 from vit_jax.errors import CommandParser, UserError, cli, reason
 from vit_jax.files import atomic_open
 from vit_jax.workdir import check_output
@@ -174,10 +173,8 @@ def main(argv=None):
         check_output(a.json, "--json")  # before minutes of timing, not after
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
-    one_device_per_core(a.batch_size)  # the JAX step as training runs it
     r = bench(a.recipe, a.batch_size, a.steps, a.warmup, a.compile)
-    print(f"{a.recipe} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on "
-          f"{jax.device_count()} x {r['jax_device']}, "
+    print(f"{a.recipe} ({r['jax']['params']:,} params) | batch {a.batch_size} | float32 | JAX on {r['jax_device']}, "
           f"PyTorch on {r['torch_device']} ({r['torch_threads']} threads) | {a.steps} timed steps | {r['cpu']}")
     print("each step: uint8 batch -> resize, flip, crop, normalize -> forward, backward, AdamW")
     print(f"  {'':<24} {'ms/step':>9}  {'images/s':>9}  {'GFLOP/s':>8}  time / PyTorch eager time")

@@ -18,14 +18,9 @@ import importlib.abc
 import importlib.machinery
 import sys
 import types
-import jax
+
 import numpy as np
 import pytest
-
-# JAX started here, in every test process, with the devices it finds: a command run in-process by a
-# test keeps them (devices.one_device_per_core sets a CPU's only before JAX starts), whichever test
-# ran first. The commands that tests start as processes choose their own.
-jax.devices()
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

@@ -76,8 +76,8 @@ def _train_cmd(archive, workdir, *extra):
 
 
 def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path, cifar_archive):
-    """Batches of 32 in two micro-batches, whose sums are saved mid-step-sequence as a whole batch's."""
-    cmd = lambda workdir: _train_cmd(cifar_archive, workdir, "--batch_size", "32", "--grad_accum", "2")
+    """Batches of 32 (544 tokens), which the CPU's step takes in two micro-batches, as it does unasked."""
+    cmd = lambda workdir: _train_cmd(cifar_archive, workdir, "--batch_size", "32")
     straight = str(tmp_path / "straight")
     first = _cli(*cmd(straight))
     assert first.returncode == 0 and "(3 batches per epoch, each in 2 micro-batches of 16)" in first.stdout
@@ -111,25 +111,17 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     results = {}
     for n in (1, 8):
         workdir = str(tmp_path / f"dev{n}")
-        env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        # One device is the default, without the flag, so that this run finds its steps compiled by the other
+        # tests (XLA_FLAGS is part of the compilation cache's key).
+        env = {"JAX_PLATFORMS": "cpu"}
+        if n > 1:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
         run = _cli(*_train_cmd(cifar_archive, workdir, "--epochs", "1"), env=env)
         assert run.returncode == 0, run.stderr
         assert f"Device: {n} x cpu" in run.stdout
         results[n] = _rows(workdir)[0]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert results[8][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-5), key
-
-
-def test_a_run_on_a_cpu_takes_one_device_per_core_that_divides_the_batch(tmp_path):
-    code = ("from vit_jax import devices; devices.one_device_per_core({}); import jax; print(jax.device_count())")
-    cores = min(len(os.sched_getaffinity(0)), 8)
-    for batch in (64, 15):
-        run = subprocess.run([sys.executable, "-c", code.format(batch)], capture_output=True, text=True, timeout=120,
-                             env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
-        assert int(run.stdout) == max(d for d in range(1, cores + 1) if batch % d == 0), run.stderr
-    kept = subprocess.run([sys.executable, "-c", code.format(64)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
-    assert int(kept.stdout) == 3  # a count the user set is kept
 
 
 @pytest.mark.parametrize("args, message", [

@@ -23,7 +23,7 @@ import numpy as np
 
 from vit_jax import augment, step
 from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig
-from vit_jax.devices import DataParallel, one_device_per_core
+from vit_jax.devices import DataParallel
 from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.model import attention_implementation, count_params
 
@@ -251,7 +251,6 @@ def main(argv=None):
         raise UserError("batch_size and steps must be positive, warmup non-negative")
     if a.peak_tflops is not None and not 0 < a.peak_tflops < float("inf"):
         raise UserError(f"--peak_tflops must be a positive number, got {a.peak_tflops}")
-    one_device_per_core(a.batch_size)  # as training does
     r = run(a.recipe, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"
     memory = f"{r['memory_bytes'] / 2**20:,.0f} MiB" if r["memory_bytes"] is not None else "n/a"

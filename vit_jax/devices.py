@@ -74,24 +74,6 @@ def _fingerprint(tree) -> np.ndarray:
     return np.frombuffer(digest.digest(), np.uint8)
 
 
-MAX_CPU_DEVICES = 8  # measured on two cores only (docs/benchmarks.md): beyond a few, untried
-
-
-def one_device_per_core(batch_size: int):
-    """On a CPU, one JAX device per core (as many as divide the batch), so that a run is data parallel
-    over the cores as over GPUs: XLA:CPU runs each matmul on one thread, and one device leaves the
-    other cores mostly idle (the fast recipe took 39% more images a second on two cores). To be called
-    before JAX starts its backends; a count set already (XLA_FLAGS, JAX_NUM_CPU_DEVICES, or a started
-    JAX) is kept. It sets only the CPU's devices: with an accelerator, the run uses that."""
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
-        return
-    cores = min(len(os.sched_getaffinity(0)), MAX_CPU_DEVICES)
-    try:
-        jax.config.update("jax_num_cpu_devices", max(d for d in range(1, cores + 1) if batch_size % d == 0))
-    except RuntimeError:  # JAX has started (a run from Python, after other work): its devices stay
-        pass
-
-
 def describe_devices() -> str:
     """The devices in words, for logs and summaries: '2 x cpu (2 cores, no accelerator)', '1 x NVIDIA H200 (...)'."""
     devices = jax.local_devices()

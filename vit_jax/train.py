@@ -28,7 +28,7 @@ if __name__ == "__main__":
 import jax
 from tqdm import tqdm
 
-from vit_jax import config as config_lib, data, devices, distributed, processes, step, summary, tensorboard_log, weights
+from vit_jax import config as config_lib, data, distributed, processes, step, summary, tensorboard_log, weights
 from vit_jax import budget as budget_lib, workdir
 from vit_jax.budget import REVISE_AFTER, Budget
 from vit_jax.config import ModelConfig, TrainConfig
@@ -387,8 +387,6 @@ def main(argv=None):
     if topology is not None:  # this process trains; started as a command, under its supervisor
         cfg = distributed.start(cfg, topology)
         distributed.agree(cfg, model_cfg)
-    else:
-        devices.one_device_per_core(cfg.batch_size)
     train_and_evaluate(cfg, model_cfg)
 
 
