@@ -44,20 +44,41 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def lecun_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """Flax's default conv init, so a random twin starts from the same distribution: LeCun normal
+    truncated at 2 std, rescaled by 0.8796 (the std of a standard normal cut at +-2); zero bias."""
+    fan_in = conv.weight[0].numel()
+    trunc_normal_(conv.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def conv_stem(config: ModelConfig) -> nn.Sequential:
+    """The conv stem's backbone: Conv2d(3x3, stride 2, padding 1) and GELU, log2(patch_size) times,
+    widths doubling up to embed_dim. timm takes it as `embed_layer=partial(HybridEmbed, backbone=...)`."""
+    layers, width = [], 3
+    for w in config.stem_widths:
+        layers += [lecun_conv(nn.Conv2d(width, w, kernel_size=3, stride=2, padding=1)), nn.GELU()]
+        width = w
+    return nn.Sequential(*layers)
+
+
 class PatchEmbed(nn.Module):
-    """Twin of vit_jax.model.PatchEmbed: (B, 3, H, W) -> (B, N, D)."""
+    """Twin of vit_jax.model.PatchEmbed: (B, 3, H, W) -> (B, N, D). With the conv stem it is timm's
+    HybridEmbed: `backbone` (keys patch_embed.backbone.0, .2, ...), then a 1x1 `proj`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         p = config.patch_size
-        self.proj = nn.Conv2d(3, config.embed_dim, kernel_size=p, stride=p)
-        # Flax's default conv init, so a random twin starts from the same distribution: LeCun normal
-        # truncated at 2 std, rescaled by 0.8796 (the std of a standard normal cut at +-2).
-        fan_in = 3 * p * p
-        trunc_normal_(self.proj.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
-        nn.init.zeros_(self.proj.bias)
+        if config.stem == "conv":
+            self.backbone = conv_stem(config)
+            self.proj = lecun_conv(nn.Conv2d(config.embed_dim, config.embed_dim, kernel_size=1))
+        else:
+            self.proj = lecun_conv(nn.Conv2d(3, config.embed_dim, kernel_size=p, stride=p))
 
     def forward(self, x):
+        if hasattr(self, "backbone"):
+            x = self.backbone(x)  # (B, D, H/p, W/p)
         x = self.proj(x)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
 
@@ -130,12 +151,12 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 10,
                  embed_dim: int = 384, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, class_token: bool = True,
-                 global_pool: str = "token"):
+                 global_pool: str = "token", stem: str = "patch"):
         super().__init__()
         c = self.config = ModelConfig(
             img_size=img_size, patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            class_token=class_token, global_pool=global_pool).validate()
+            class_token=class_token, global_pool=global_pool, stem=stem).validate()
         self.patch_embed = PatchEmbed(c)
         if c.class_token:
             self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, c.embed_dim), std=0.02))

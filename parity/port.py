@@ -49,6 +49,10 @@ STEM = [
     ("patch_embed/proj/kernel", "patch_embed.proj.weight", CONV),
     ("patch_embed/proj/bias", "patch_embed.proj.bias", SAME),
 ]
+CONV_STEM = [  # with stem conv, once per backbone layer: Sequential(conv, GELU, conv, GELU, ...)
+    ("patch_embed/backbone_{i}/kernel", "patch_embed.backbone.{j}.weight", CONV),
+    ("patch_embed/backbone_{i}/bias", "patch_embed.backbone.{j}.bias", SAME),
+]
 CLASS_TOKEN = [("cls_token", "cls_token", SAME)]  # with class_token only
 POSITIONS = [("pos_embed", "pos_embed", SAME)]
 BLOCK = [  # once per block; {i} is its index
@@ -77,8 +81,10 @@ HEAD = [
 
 def table(config: ModelConfig) -> list[Row]:
     """Every parameter of the model, once: Flax path, PyTorch key, transform."""
+    stem = [(f.format(i=i), t.format(j=2 * i), tr) for i in range(len(config.stem_widths)) for f, t, tr in CONV_STEM
+            ] if config.stem == "conv" else []
     blocks = [(f.format(i=i), t.format(i=i), tr) for i in range(config.depth) for f, t, tr in BLOCK]
-    rows = STEM + (CLASS_TOKEN if config.class_token else []) + POSITIONS + blocks + NORM[config.global_pool] + HEAD
+    rows = stem + STEM + (CLASS_TOKEN if config.class_token else []) + POSITIONS + blocks + NORM[config.global_pool] + HEAD
     return [Row(*row) for row in rows]
 
 

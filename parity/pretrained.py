@@ -139,6 +139,9 @@ def timm_architecture(shapes: dict, what: str, num_heads=None, hints: dict | Non
     if act not in (None, "gelu"):
         raise UserError(f"{what!r} is a ViT with the activation {act!r}, which this model cannot hold (exact GELU)")
     dim, channels, p, p2 = shapes["patch_embed.proj.weight"]
+    convs = len([k for k in shapes if re.fullmatch(r"patch_embed\.backbone\.\d+\.weight", k)])
+    if convs:  # our conv stem (timm's HybridEmbed over it): 3x3 stride-2 convolutions, then a 1x1 proj
+        channels, p, p2 = shapes["patch_embed.backbone.0.weight"][1], 2 ** convs, 2 ** convs
     class_token = "cls_token" in shapes
     if "pos_embed" not in shapes:
         raise UserError(f"{what!r} has no position embedding (pos_embed), which this model needs")
@@ -170,7 +173,7 @@ def timm_architecture(shapes: dict, what: str, num_heads=None, hints: dict | Non
     if heads is None:
         raise UserError(f"the head count of {what!r} is not in its weights: pass --num_heads (timm's vit_tiny "
                         f"has 3, vit_small 6, vit_base 12, vit_large 16: 64 channels per head)")
-    config = ModelConfig(img_size=grid * p, patch_size=p, embed_dim=dim, depth=depth, num_heads=int(heads),
+    config = ModelConfig(img_size=grid * p, patch_size=p, stem="conv" if convs else "patch", embed_dim=dim, depth=depth, num_heads=int(heads),
                          num_classes=shapes["head.weight"][0] if "head.weight" in shapes else 1,
                          mlp_ratio=hidden / dim, class_token=class_token, global_pool=global_pool)
     return config.validate()

@@ -109,3 +109,20 @@ def test_flip_alone_gives_each_image_or_its_mirror_uncropped():
     kept = [np.array_equal(o, p) for o, p in zip(out, plain)]
     assert all(m or k for m, k in zip(mirrored, kept))
     assert any(mirrored) and any(kept)
+
+
+def test_translation_is_a_window_of_the_reflect_padded_image_with_every_shift_drawn():
+    """--translate 2: each image is one of the 25 windows of its mirror-padded self, as the key draws
+    it; the flip and the other draws are those of the run without translation."""
+    x = _images(64, seed=2)
+    key = jax.random.key(7)
+    out = np.asarray(augment.augment(key, x, 32, crops=False, translate=2))
+    flipped_only = np.asarray(augment.augment(key, x, 32, crops=False))
+    shifts = set()
+    for k, img, aug in zip(jax.random.split(key, len(x)), flipped_only, out):
+        dy, dx = np.asarray(jax.random.randint(jax.random.fold_in(k, 4), (2,), 0, 5))
+        expected = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="reflect")[dy:dy + 32, dx:dx + 32]
+        np.testing.assert_allclose(aug, expected, atol=1e-6)
+        shifts.add((int(dy), int(dx)))
+    assert len(shifts) > 15  # the draws spread over the 25 shifts
+    np.testing.assert_array_equal(augment.augment(key, x, 32, crops=False, translate=0), flipped_only)

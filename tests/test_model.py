@@ -96,8 +96,16 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(depth=0), "depth must be positive"),
     (dict(drop_rate=1.0), "drop_rate"),
     (dict(dtype="float16"), "dtype"),
+    (dict(stem="resnet"), "stem must be patch or conv"),
+    (dict(stem="conv", patch_size=4, img_size=24, embed_dim=32), None),  # fine: 4 = 2^2, 24 / 4 = 6
+    (dict(stem="conv", patch_size=6, img_size=24), "power of 2"),
+    (dict(stem="conv", patch_size=1), "power of 2"),
+    (dict(stem="conv", embed_dim=34, num_heads=2), "divisible by 4"),
 ])
 def test_impossible_shapes_are_refused(fields, message):
+    if message is None:
+        dataclasses.replace(MODELS["test"], **fields).validate()
+        return
     with pytest.raises(UserError, match=message):
         dataclasses.replace(MODELS["test"], **fields).validate()
 
@@ -142,6 +150,46 @@ def test_the_patch_projection_is_the_strided_convolution():
     np.testing.assert_allclose(mine.apply(params, x), conv.apply(params, x).reshape(2, 16, 16), rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  jax.grad(lambda p: loss(mine, p))(params), jax.grad(lambda p: loss(conv, p))(params))
+
+
+def test_the_stem_convolution_is_the_padded_strided_3x3_convolution():
+    """Same parameters, same output and gradients as nn.Conv(F, (3, 3), strides 2, padding 1)."""
+    from vit_jax.model import StridedConv3x3
+
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 5))
+    conv = nn.Conv(7, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    params = conv.init(jax.random.key(2), x)
+    mine = StridedConv3x3(7)
+    np.testing.assert_array_equal(mine.init(jax.random.key(2), x)["params"]["kernel"], params["params"]["kernel"])
+
+    def loss(module, p):
+        out = module.apply(p, x)
+        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
+
+    assert mine.apply(params, x).shape == (2, 8, 8, 7)
+    np.testing.assert_allclose(mine.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 jax.grad(lambda p: loss(mine, p))(params), jax.grad(lambda p: loss(conv, p))(params))
+
+
+def test_the_conv_stem_halves_the_image_log2_patch_times_then_projects_each_pixel():
+    from vit_jax.model import PatchEmbed, gelu
+
+    cfg = dataclasses.replace(MODELS["fast"], stem="conv")
+    assert cfg.stem_widths == [32, 64, 128]
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    params = PatchEmbed(cfg).init(jax.random.key(1), x)["params"]
+    assert {k: v["kernel"].shape for k, v in params.items()} == {
+        "backbone_0": (3, 3, 3, 32), "backbone_1": (3, 3, 32, 64), "backbone_2": (3, 3, 64, 128),
+        "proj": (1, 1, 128, 128)}
+    h = x
+    for i in range(3):  # by hand: lax's convolution, exact GELU, then the 1x1 projection
+        p = params[f"backbone_{i}"]
+        h = jax.lax.conv_general_dilated(h, p["kernel"], (2, 2), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+        h = gelu(h)
+    tokens = h.reshape(2, 16, 128) @ params["proj"]["kernel"][0, 0] + params["proj"]["bias"]
+    np.testing.assert_allclose(PatchEmbed(cfg).apply({"params": params}, x), tokens, rtol=1e-4, atol=1e-5)
 
 
 def test_gelu_is_the_exact_erf_form():

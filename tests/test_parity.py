@@ -333,3 +333,58 @@ def test_avg_pooling_is_the_mean_of_the_patch_tokens_through_fc_norm():
 def test_the_class_token_is_needed_for_token_pooling():
     with pytest.raises(UserError, match="global_pool token reads the class token"):
         dataclasses.replace(CFG, class_token=False).validate()
+
+
+# The convolutional stem (stem conv; timm's HybridEmbed over a Conv2d/GELU backbone) ---------------
+
+CONV = dataclasses.replace(CFG, stem="conv", class_token=False, global_pool="avg")
+
+
+def test_conv_stem_twin_has_hybrid_embeds_keys_and_agrees_stage_by_stage():
+    model = TorchViT(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                     class_token=False, global_pool="avg", stem="conv")
+    assert model.config == CONV
+    stem = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("patch_embed.")}
+    assert stem == {"patch_embed.backbone.0.weight": (8, 3, 3, 3), "patch_embed.backbone.0.bias": (8,),
+                    "patch_embed.backbone.2.weight": (16, 8, 3, 3), "patch_embed.backbone.2.bias": (16,),
+                    "patch_embed.backbone.4.weight": (32, 16, 3, 3), "patch_embed.backbone.4.bias": (32,),
+                    "patch_embed.proj.weight": (32, 32, 1, 1), "patch_embed.proj.bias": (32,)}
+    params = port.torch_to_flax(model.state_dict(), CONV)
+    assert count_params(params) == sum(t.numel() for t in model.state_dict().values())
+    jax.tree.map(np.testing.assert_array_equal, port.torch_to_flax(port.flax_to_torch(params, CONV), CONV), params)
+    stages_j, stages_t = _both(params, _images(8), CONV)
+    for name in stages_t:
+        np.testing.assert_allclose(stages_t[name], stages_j[name], rtol=0, atol=TOL, err_msg=name)
+
+
+def test_conv_stem_trains_alike_in_both_frameworks():
+    params = jax.device_get(init_params(CONV, jax.random.key(3)))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 32).astype(np.int32)
+    r = compare.train_parity(params, compare.torch_twin(CONV, params), CONV, TrainConfig(recipe="test"),
+                             images, labels, steps=4, batch_size=16, steps_per_epoch=2)
+    assert r["passed"], r
+
+
+def test_conv_stem_export_loads_strictly_into_timms_vision_transformer(timm):
+    """The README's constructor: timm's VisionTransformer with embed_layer=partial(HybridEmbed, backbone=...)."""
+    import functools
+    from parity.model import conv_stem
+    from parity.pretrained import timm_architecture
+
+    params = jax.device_get(init_params(CONV, jax.random.key(4)))
+    state = port.flax_to_torch(params, CONV)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.GELU(), torch.nn.Conv2d(8, 16, 3, 2, 1),
+                                   torch.nn.GELU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.GELU())
+    assert str(backbone) == str(conv_stem(CONV))
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=1, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+        class_token=False, global_pool="avg",
+        embed_layer=functools.partial(timm.layers.HybridEmbed, backbone=backbone)).eval()
+    reference.load_state_dict(state, strict=True)
+    x = _images(4)
+    with torch.no_grad():
+        theirs = reference(compare.nchw(x)).numpy()
+    np.testing.assert_allclose(theirs, np.asarray(FlaxViT(CONV).apply({"params": params}, x)), rtol=0, atol=TOL)
+    assert timm_architecture({k: tuple(v.shape) for k, v in state.items()}, "stem.pth", num_heads=2) == CONV

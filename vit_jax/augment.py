@@ -3,9 +3,11 @@
 uint8 (B, 32, 32, 3) batches go to the accelerator as they are; resizing, flipping, cropping and
 normalization happen there, so the host never starves it. The order is the PyTorch tutorial's
 torchvision pipeline: Resize(img_size, bilinear), RandomHorizontalFlip, RandomCrop(img_size,
-padding=4), [RandomRotation, ColorJitter: the tutorial's optional tips], ToTensor, Normalize.
+padding=4), [a random translation (airbench's), RandomRotation, ColorJitter: the tutorial's optional tips], ToTensor, Normalize.
 Plain jax.numpy: no image library to install on an accelerator machine.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +40,12 @@ def flip(x):
     return x[..., ::-1, :]
 
 
-def _random_crop(key, x):
-    """torchvision's RandomCrop(S, padding=4): a window of the zero-padded (S, S, 3) image (fill 0)."""
-    padded = jnp.pad(x, ((CROP_PADDING, CROP_PADDING), (CROP_PADDING, CROP_PADDING), (0, 0)))
-    dy, dx = jax.random.randint(key, (2,), 0, 2 * CROP_PADDING + 1)
+def _random_crop(key, x, padding: int = CROP_PADDING, mode: str = "constant"):
+    """A random (S, S, 3) window of the (S, S, 3) image padded by `padding` on every side: with zeros,
+    torchvision's RandomCrop(S, padding=4); with mode 'reflect', a random translation by up to
+    `padding` pixels each way whose gap is filled by the image's mirrored edge (airbench's)."""
+    padded = jnp.pad(x, ((padding, padding), (padding, padding), (0, 0)), mode=mode)
+    dy, dx = jax.random.randint(key, (2,), 0, 2 * padding + 1)
     return jax.lax.dynamic_slice(padded, (dy, dx, 0), x.shape)
 
 
@@ -70,13 +74,16 @@ def _jitter(key, x, strength: float):
     return jnp.clip((x - gray(x)) * s + gray(x), 0, 1)
 
 
-def _augment_one(key, x, flips: bool, crops: bool, rotation: float, color_jitter: float):
-    """One resized [0, 1] image (S, S, 3): flip, padded crop, optional rotation and jitter."""
+def _augment_one(key, x, flips: bool, crops: bool, rotation: float, color_jitter: float, translate: int):
+    """One resized [0, 1] image (S, S, 3): flip, padded crop, translation, optional rotation and jitter."""
     k_flip, k_crop, k_rot, k_jit = jax.random.split(key, 4)
+    k_shift = jax.random.fold_in(key, 4)  # not a fifth split: the other draws stay those of earlier runs
     if flips:
         x = jnp.where(jax.random.bernoulli(k_flip), flip(x), x)
     if crops:
         x = _random_crop(k_crop, x)
+    if translate:
+        x = _random_crop(k_shift, x, translate, mode="reflect")
     if rotation:  # an angle drawn uniformly from [-rotation, rotation] degrees
         x = rotate(x, jax.random.uniform(k_rot, minval=-rotation, maxval=rotation) * jnp.pi / 180)
     if color_jitter:
@@ -85,15 +92,17 @@ def _augment_one(key, x, flips: bool, crops: bool, rotation: float, color_jitter
 
 
 def augment(key, images, img_size: int, rotation: float = 0.0, color_jitter: float = 0.0, flips: bool = True,
-            crops: bool = True):
+            crops: bool = True, translate: int = 0):
     """Training: uint8 (B, 32, 32, 3) -> augmented, normalized float32 (B, S, S, 3).
 
     Each image gets its own key, so the result depends only on `key`, never on the batch split.
-    flips / crops False leave out the random flip / crop (all four off: the images as they are).
+    flips / crops False leave out the random flip / crop; translate N > 0 shifts each image by up to N
+    pixels each way (all off: the images as they are).
     """
     x = resize(images, img_size)
-    if flips or crops or rotation or color_jitter:
+    if flips or crops or rotation or color_jitter or translate:
         keys = jax.random.split(key, x.shape[0])
-        x = jax.vmap(_augment_one, in_axes=(0, 0, None, None, None, None))(keys, x, flips, crops, rotation,
-                                                                           color_jitter)
+        one = functools.partial(_augment_one, flips=flips, crops=crops, rotation=rotation,
+                                color_jitter=color_jitter, translate=translate)
+        x = jax.vmap(one)(keys, x)
     return normalize(x)

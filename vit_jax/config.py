@@ -36,6 +36,10 @@ class ModelConfig:
     img_size: int = field(224, "input side in pixels; CIFAR-10's 32x32 images are resized to it")
     patch_size: int = field(16, "side of the square patches the image is cut into")
     num_classes: int = field(10, "output classes")
+    stem: str = field("patch", "how the image becomes tokens: patch (a linear map of each patch, the ViT's) or conv "
+                               "(log2(patch_size) 3x3 convolutions of stride 2, each followed by GELU, their widths "
+                               "doubling up to embed_dim, then a linear map of each pixel: timm's HybridEmbed over "
+                               "that backbone; Xiao et al. 2021's convolutional stem)")
     embed_dim: int = field(384, "token width")
     depth: int = field(6, "transformer blocks")
     num_heads: int = field(6, "attention heads per block")
@@ -54,6 +58,12 @@ class ModelConfig:
         return (self.img_size // self.patch_size) ** 2
 
     @property
+    def stem_widths(self) -> list[int]:
+        """The conv stem's layer widths: log2(patch_size) of them, doubling up to embed_dim (8, 128: 32 64 128)."""
+        layers = self.patch_size.bit_length() - 1
+        return [self.embed_dim >> (layers - 1 - i) for i in range(layers)]
+
+    @property
     def num_tokens(self) -> int:
         """Patches, and the class token if there is one."""
         return self.num_patches + int(self.class_token)
@@ -67,6 +77,15 @@ class ModelConfig:
             raise UserError(
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
                 f"choose sizes such that the patches tile the image")
+        if self.stem not in ("patch", "conv"):
+            raise UserError(f"stem must be patch or conv, got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise UserError(f"the conv stem halves the image patch_size = 2^k times: patch_size must be a power of "
+                            f"2, at least 2, got {self.patch_size}")
+        if self.stem == "conv" and self.embed_dim % (self.patch_size // 2):
+            raise UserError(f"the conv stem's widths halve from embed_dim {self.embed_dim} in each of its "
+                            f"{self.patch_size.bit_length() - 1} layers: choose an embed_dim divisible by "
+                            f"{self.patch_size // 2}")
         if self.embed_dim % self.num_heads:
             raise UserError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}: "
@@ -130,6 +149,8 @@ class TrainConfig:
     augment: bool = field(True, "random horizontal flip and random crop with padding 4, the tutorial's; "
                                 "--no-augment trains on the images as they are")
     crop: bool = field(True, "with --augment, the random crop too; --no-crop: the random flip alone")
+    translate: int = field(0, "with --augment, shift each image by up to this many pixels each way, its mirrored "
+                              "edge filling the gap (airbench's random translation; 0: off)")
     rotation: float = field(0.0, "random rotation up to this many degrees (the tutorial's tip: 15)")
     color_jitter: float = field(0.0, "random brightness, contrast and saturation of this strength (tip: 0.2)")
     log_every: int = field(100, "print the running loss and accuracy every N batches", resumable=True)
@@ -180,6 +201,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rotation < 0 or self.color_jitter < 0:
             raise UserError("rotation and color_jitter must be non-negative")
+        if self.translate < 0:
+            raise UserError(f"translate must be 0 (off) or a positive number of pixels, got {self.translate}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip < 0:

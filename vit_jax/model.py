@@ -51,16 +51,48 @@ class PatchProjection(nn.Module):
         return patches.astype(dtype) @ kernel.reshape(-1, self.features).astype(dtype) + bias.astype(dtype)
 
 
+class StridedConv3x3(nn.Module):
+    """nn.Conv(features, (3, 3), strides 2, padding 1) as one matmul: (B, H, W, C) -> (B, H/2, W/2, F).
+
+    Each output pixel's 3x3 neighbourhood of the zero-padded input, gathered by nine strided slices
+    in (row, column, channel) order, times the kernel (3, 3, C, F) as a (9C, F) matrix. Its gradients
+    are a matmul and the slices' scatter: on a CPU faster than a strided convolution's."""
+
+    features: int
+    dtype: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, C, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        taps = [padded[:, dy:dy + H:2, dx:dx + W:2] for dy in range(3) for dx in range(3)]  # each (B, H/2, W/2, C)
+        dtype = self.dtype or x.dtype
+        return (jnp.concatenate(taps, axis=-1).astype(dtype) @ kernel.reshape(9 * C, -1).astype(dtype)
+                + bias.astype(dtype))
+
+
 class PatchEmbed(nn.Module):
-    """Cuts the image into patches and projects each to a token: (B, H, W, 3) -> (B, N, D)."""
+    """The image as tokens: (B, H, W, 3) -> (B, N, D), N = (H / patch_size)^2 in row-major order.
+
+    stem 'patch': each patch projected linearly (timm's PatchEmbed). stem 'conv': a backbone of 3x3
+    stride-2 convolutions with GELU, then each of its output pixels projected linearly (timm's
+    HybridEmbed with patch_size 1)."""
 
     config: ModelConfig
 
     def setup(self):
-        self.proj = PatchProjection(self.config.embed_dim, self.config.patch_size, dtype=self.config.dtype)
+        c = self.config
+        if c.stem == "conv":
+            self.backbone = [StridedConv3x3(w, dtype=c.dtype) for w in c.stem_widths]  # backbone_0, ...
+        self.proj = PatchProjection(c.embed_dim, 1 if c.stem == "conv" else c.patch_size, dtype=c.dtype)
 
     def __call__(self, x):
-        return self.proj(x)  # (B, N, D), patches in row-major order
+        if self.config.stem == "conv":
+            for conv in self.backbone:
+                x = gelu(conv(x))
+        return self.proj(x)
 
 
 def attention_implementation(config: ModelConfig) -> str:

@@ -237,11 +237,13 @@ class Settings:
     grad_accum: int = 1
     flips: bool = True
     crops: bool = True
+    translate: int = 0
 
     @classmethod
     def of(cls, model_cfg: ModelConfig, cfg: TrainConfig) -> "Settings":
         return cls(model_cfg.img_size, cfg.rotation, cfg.color_jitter, cfg.label_smoothing, cfg.ema_decay,
-                   cfg.tta_flip, micro_batches(model_cfg, cfg), cfg.augment, cfg.augment and cfg.crop)
+                   cfg.tta_flip, micro_batches(model_cfg, cfg), cfg.augment, cfg.augment and cfg.crop,
+                   cfg.translate if cfg.augment else 0)
 
 
 # The one mechanism here for one kind of device's speed: on a CPU a step runs faster with its batch in
@@ -274,7 +276,7 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, sche
     step_key = jax.random.fold_in(key, state.step)
     aug_key, dropout_key = jax.random.split(step_key)
     x = augment.augment(aug_key, images, settings.img_size, settings.rotation, settings.color_jitter,
-                        settings.flips, settings.crops)
+                        settings.flips, settings.crops, settings.translate)
 
     loss_fn = functools.partial(loss, state.apply_fn, settings.label_smoothing)
     grads, sums = gradients(loss_fn, state.params, (x, labels, mask), dropout_key, settings.grad_accum)

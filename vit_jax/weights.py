@@ -19,7 +19,7 @@ from vit_jax.model import init_params
 
 CONFIG_KEY = "__config__"
 # Fields that change what the weights mean; dropout rates and the compute dtype do not.
-ARCHITECTURE = ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio",
+ARCHITECTURE = ("img_size", "stem", "patch_size", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio",
                 "class_token", "global_pool")
 
 
@@ -76,7 +76,8 @@ def load(path: str, config: ModelConfig) -> dict:
         raise UserError(f"{path!r} is a Google ViT checkpoint: convert it first with python -m parity.convert {path} "
                         f"--img_size S --num_classes N, then pass the .npz it writes to --init_from")
     if isinstance(saved, dict):
-        differ = [f"{k} {saved.get(k)} -> {getattr(config, k)}" for k in ARCHITECTURE if saved.get(k) != getattr(config, k)]
+        saved = {k: saved.get(k, getattr(ModelConfig, k)) for k in ARCHITECTURE}  # a field added since: its default
+        differ = [f"{k} {saved[k]} -> {getattr(config, k)}" for k in ARCHITECTURE if saved[k] != getattr(config, k)]
         if differ:
             raise UserError(f"{path!r} holds parameters of another model ({'; '.join(differ)}): choose the --recipe "
                             f"and model flags it was made for")
