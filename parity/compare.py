@@ -163,7 +163,7 @@ def _jax_side(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int):
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.params, x, y, jnp.ones(len(y)), jax.random.key(0), "mean")
         return state.apply_gradients(grads=grads, lr=schedule(state.step)), sums["loss"] / len(y), grads
 
-    no_dropout = dataclasses.replace(model_cfg, drop_rate=0.0, drop_path_rate=0.0)
+    no_dropout = dataclasses.replace(model_cfg, drop_rate=0.0, drop_path_rate=0.0, patch_drop_rate=0.0)
     return schedule, update, lambda params: step.create_train_state(no_dropout, cfg, params)
 
 

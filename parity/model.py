@@ -63,6 +63,24 @@ def conv_stem(config: ModelConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class PatchDropout(nn.Module):
+    """Twin of vit_jax.model.PatchDropout (timm's): in training, a random int(N (1 - rate)) of the N patch
+    tokens of each image, the class token kept first."""
+
+    def __init__(self, rate: float, prefix_tokens: int):
+        super().__init__()
+        self.rate, self.prefix_tokens = rate, prefix_tokens
+
+    def forward(self, x):
+        if not self.training or self.rate == 0.0:
+            return x
+        prefix, x = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
+        B, N, D = x.shape
+        keep = max(1, int(N * (1.0 - self.rate)))
+        order = torch.argsort(torch.randn(B, N, device=x.device), dim=-1)[:, :keep]
+        return torch.cat([prefix, x.gather(1, order.unsqueeze(-1).expand(-1, -1, D))], dim=1)
+
+
 class PatchEmbed(nn.Module):
     """Twin of vit_jax.model.PatchEmbed: (B, 3, H, W) -> (B, N, D). With the conv stem it is timm's
     HybridEmbed: `backbone` (keys patch_embed.backbone.0, .2, ...), then a 1x1 `proj`."""
@@ -150,18 +168,20 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 10,
                  embed_dim: int = 384, depth: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, class_token: bool = True,
-                 global_pool: str = "token", stem: str = "patch"):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, patch_drop_rate: float = 0.0,
+                 class_token: bool = True, global_pool: str = "token", stem: str = "patch"):
         super().__init__()
         c = self.config = ModelConfig(
             img_size=img_size, patch_size=patch_size, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            patch_drop_rate=patch_drop_rate,
             class_token=class_token, global_pool=global_pool, stem=stem).validate()
         self.patch_embed = PatchEmbed(c)
         if c.class_token:
             self.cls_token = nn.Parameter(trunc_normal_(torch.empty(1, 1, c.embed_dim), std=0.02))
         self.pos_embed = nn.Parameter(trunc_normal_(torch.empty(1, c.num_tokens, c.embed_dim), std=0.02))
         self.pos_drop = nn.Dropout(c.drop_rate)
+        self.patch_drop = PatchDropout(c.patch_drop_rate, int(c.class_token))
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
         self.blocks = nn.ModuleList([Block(c, drop_path=r) for r in rates])
         if c.global_pool == "avg":
@@ -190,6 +210,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
         x = x + self.pos_embed
         x = stages["embed"] = self.pos_drop(x)
+        x = self.patch_drop(x)
         for i, block in enumerate(self.blocks):
             x = stages[f"block{i:02d}"] = block(x)
         if self.config.global_pool == "token":

@@ -37,6 +37,16 @@ def test_flops_counted_from_the_shapes():
     assert round(bench.train_flops(MODELS["tutorial"], 64) / 1e9) == 894  # XLA's cost analysis: ~900
 
 
+def test_conv_stem_flops_by_hand():
+    """fast with the conv stem: 3x3 stride-2 layers 3->32 (16x16 out), 32->64 (8x8), 64->128 (4x4), 1x1 128->128."""
+    import dataclasses
+
+    cfg = dataclasses.replace(MODELS["fast"], stem="conv")
+    stem = 2 * 9 * (256 * 3 * 32 + 64 * 32 * 64 + 16 * 64 * 128) + 2 * 16 * 128 * 128
+    patch = 2 * 16 * 192 * 128
+    assert bench.forward_flops(cfg) - bench.forward_flops(MODELS["fast"]) == stem - patch
+
+
 def test_bench_refuses_bad_batch_size():
     run = subprocess.run([sys.executable, "-m", "vit_jax.bench", "--recipe", "test", "--batch_size", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -203,3 +203,32 @@ def test_gelu_is_the_exact_erf_form():
     # float32 rounding of the float64 value above.
     np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), nn.gelu(jnp.asarray(x, jnp.float32), approximate=False),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_patch_dropout_keeps_a_random_subset_of_each_images_patch_tokens_in_training_only(class_token):
+    from vit_jax.model import PatchDropout
+
+    B, N, D, prefix = 6, 16, 4, int(class_token)
+    x = jax.random.normal(jax.random.key(0), (B, prefix + N, D))
+    module = PatchDropout(0.3, prefix)
+    np.testing.assert_array_equal(module.apply({}, x, deterministic=True), x)
+    out = np.asarray(module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
+    assert out.shape == (B, prefix + int(N * 0.7), D)  # 11 of 16, timm's int(N * (1 - rate))
+    np.testing.assert_array_equal(out[:, :prefix], np.asarray(x)[:, :prefix])  # the class token stays first
+    kept = []
+    for image, tokens in zip(np.asarray(x)[:, prefix:], out[:, prefix:]):
+        where = [int(np.flatnonzero((image == t).all(-1))[0]) for t in tokens]  # each kept token is one of its own
+        assert len(set(where)) == len(where)
+        kept.append(tuple(where))
+    assert len(set(kept)) == B  # each image draws its own subset
+
+
+def test_patch_dropout_model_trains_on_fewer_tokens_and_evaluates_on_all():
+    cfg = dataclasses.replace(MODELS["test"], patch_drop_rate=0.5, class_token=False, global_pool="avg")
+    params = init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    _, train_stages = VisionTransformer(cfg).apply({"params": params}, x, train=True, return_stages=True,
+                                                   rngs={"dropout": jax.random.key(2)})
+    _, eval_stages = VisionTransformer(cfg).apply({"params": params}, x, return_stages=True)
+    assert train_stages["block00"].shape == (2, 8, 32) and eval_stages["block00"].shape == (2, 16, 32)

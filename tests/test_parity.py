@@ -388,3 +388,19 @@ def test_conv_stem_export_loads_strictly_into_timms_vision_transformer(timm):
         theirs = reference(compare.nchw(x)).numpy()
     np.testing.assert_allclose(theirs, np.asarray(FlaxViT(CONV).apply({"params": params}, x)), rtol=0, atol=TOL)
     assert timm_architecture({k: tuple(v.shape) for k, v in state.items()}, "stem.pth", num_heads=2) == CONV
+
+
+def test_patch_dropout_twin_keeps_timms_count_and_the_class_token():
+    from parity.model import PatchDropout
+
+    x = torch.randn(5, 1 + 16, 4)
+    module = PatchDropout(0.3, 1)
+    assert torch.equal(module.eval()(x), x)
+    out = module.train()(x)
+    assert out.shape == (5, 1 + 11, 4) and torch.equal(out[:, 0], x[:, 0])
+    for image, tokens in zip(x[:, 1:], out[:, 1:]):
+        where = [int(torch.nonzero((image == t).all(-1))[0]) for t in tokens]
+        assert len(set(where)) == len(where)
+    model = TorchViT(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                     patch_drop_rate=0.5)
+    assert model.config == dataclasses.replace(CFG, patch_drop_rate=0.5)

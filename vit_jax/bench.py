@@ -50,6 +50,10 @@ def forward_flops(cfg: ModelConfig) -> float:
     products, from the model's shapes. Norms, activations and softmax are left out, as usual."""
     tokens, d, hidden = cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     patch_embed = 2 * cfg.num_patches * (cfg.patch_size ** 2 * 3) * d
+    if cfg.stem == "conv":  # each 3x3 stride-2 layer on a grid halved from the last, then the 1x1 projection
+        widths, side = [3] + cfg.stem_widths, cfg.img_size
+        patch_embed = 2 * cfg.num_patches * d * d + sum(
+            2 * (side >> (i + 1)) ** 2 * 9 * c_in * c_out for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])))
     block = (2 * tokens * d * 3 * d  # qkv
              + 2 * 2 * tokens * tokens * d  # q.k and attention.v, over all heads
              + 2 * tokens * d * d  # proj

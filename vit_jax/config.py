@@ -46,6 +46,9 @@ class ModelConfig:
     mlp_ratio: float = field(4.0, "MLP hidden width / embed_dim")
     drop_rate: float = field(0.0, "dropout after the embedding, attention projection and MLP")
     drop_path_rate: float = field(0.0, "stochastic depth, rising linearly to this in the last block")
+    patch_drop_rate: float = field(0.0, "in training, drop this fraction of the patch tokens, a random subset per "
+                                        "image, before the blocks (timm's patch_drop_rate, PatchDropout): fewer "
+                                        "tokens, a cheaper step")
     class_token: bool = field(True, "prepend a learned class token (timm's class_token)")
     global_pool: str = field("token", "what the head reads: token (the class token after the final norm) or avg "
                                       "(the mean of the patch tokens, then its own norm: timm's global_pool='avg')")
@@ -92,7 +95,7 @@ class ModelConfig:
                 f"each head takes embed_dim / num_heads channels")
         if self.mlp_ratio <= 0 or int(self.embed_dim * self.mlp_ratio) <= 0:
             raise UserError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for name in ("drop_rate", "drop_path_rate"):
+        for name in ("drop_rate", "drop_path_rate", "patch_drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -166,6 +166,23 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x), deterministic), deterministic=deterministic)
 
 
+class PatchDropout(nn.Module):
+    """timm's PatchDropout: in training, each image keeps a random int(N (1 - rate)) of its N patch tokens
+    (at least one, in random order); the class token, if any, stays first. (B, T, D) -> (B, T', D)."""
+
+    rate: float
+    prefix_tokens: int
+
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        prefix, x = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
+        B, N, _ = x.shape
+        keep = max(1, int(N * (1.0 - self.rate)))
+        order = jnp.argsort(jax.random.normal(self.make_rng("dropout"), (B, N)), axis=-1)[:, :keep]
+        return jnp.concatenate([prefix, jnp.take_along_axis(x, order[:, :, None], axis=1)], axis=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021). Input: float images (B, H, W, 3), normalized.
 
@@ -183,6 +200,7 @@ class VisionTransformer(nn.Module):
             self.cls_token = self.param("cls_token", trunc_init, (1, 1, c.embed_dim))
         self.pos_embed = self.param("pos_embed", trunc_init, (1, c.num_tokens, c.embed_dim))
         self.pos_drop = nn.Dropout(c.drop_rate)
+        self.patch_drop = PatchDropout(c.patch_drop_rate, int(c.class_token))
         rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear, as timm
         self.blocks = [Block(c, drop_path=r) for r in rates]  # named blocks_0, blocks_1, ...
         if c.global_pool == "avg":
@@ -201,6 +219,7 @@ class VisionTransformer(nn.Module):
             x = jnp.concatenate([cls, x], axis=1)  # (B, N+1, D)
         x = x + self.pos_embed.astype(x.dtype)
         x = stages["embed"] = self.pos_drop(x, deterministic=not train)
+        x = self.patch_drop(x, deterministic=not train)
         for i, block in enumerate(self.blocks):
             x = stages[f"block{i:02d}"] = block(x, deterministic=not train)
         if self.config.global_pool == "token":
