@@ -138,6 +138,9 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     (["--lr", "nan"], "lr must be a finite number, got nan"),
     (["--time_budget", "inf"], "time_budget must be a finite number, got inf"),
     (["--mlp_ratio", "nan"], "mlp_ratio must be a finite number, got nan"),
+    (["--translate", "-2"], "translate must be 0 (off) or a positive number of pixels, got -2"),
+    (["--stem", "conv", "--patch_size", "6", "--img_size", "36"], "patch_size must be a power of 2"),
+    (["--patch_drop_rate", "1"], "patch_drop_rate must be in [0, 1)"),
 ])
 def test_bad_settings_fail_at_once_with_one_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as e:
