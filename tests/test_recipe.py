@@ -32,8 +32,9 @@ def _batch(n=16, seed=0):
 def test_recipes_set_defaults_that_flags_override():
     fast, fast_model = config_lib.parse_args(["--recipe", "fast"])
     assert fast.recipe == "fast" and fast.lr == 1e-3 and fast.batch_size == 64 and fast.label_smoothing == 0.1
-    assert fast.tta_flip and fast.augment and not fast.crop
+    assert fast.tta_flip and fast.augment and not fast.crop and fast.translate == 2
     assert fast_model == MODELS["fast"] and fast_model.global_pool == "avg" and not fast_model.class_token
+    assert fast_model.stem == "conv" and fast_model.patch_drop_rate == 0.25
     cfg, model = config_lib.parse_args(["--recipe", "fast", "--lr", "1e-3", "--no-tta_flip", "--embed_dim", "96"])
     assert cfg.lr == 1e-3 and not cfg.tta_flip and model.embed_dim == 96 and model.global_pool == "avg"
     assert config_lib.parse_args([]) == config_lib.recipe_defaults("tutorial")  # the tutorial's, as before
