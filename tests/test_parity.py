@@ -404,3 +404,25 @@ def test_patch_dropout_twin_keeps_timms_count_and_the_class_token():
     model = TorchViT(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                      patch_drop_rate=0.5)
     assert model.config == dataclasses.replace(CFG, patch_drop_rate=0.5)
+
+
+def test_the_readmes_timm_constructor_takes_a_fast_export_strictly(timm):
+    """The README's code block that builds timm's VisionTransformer for the fast recipe, run as written."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "HybridEmbed" in b]
+    namespace = {}
+    exec(block, namespace)
+    cfg = MODELS["fast"]
+    params = jax.device_get(init_params(cfg, jax.random.key(5)))
+    reference = namespace["model"].eval()
+    reference.load_state_dict(port.flax_to_torch(params, cfg), strict=True)
+    twin = compare.torch_twin(cfg, params)
+    assert twin.config == cfg
+    x = _images(4)
+    with torch.no_grad():
+        np.testing.assert_allclose(reference(compare.nchw(x)).numpy(), twin(compare.nchw(x)).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(reference(compare.nchw(x)).detach().numpy(),
+                               np.asarray(FlaxViT(cfg).apply({"params": params}, x)), rtol=0, atol=TOL)
