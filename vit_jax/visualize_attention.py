@@ -107,9 +107,12 @@ def main(argv=None) -> dict:
         names = [f"test {i}" for i in range(len(images))]
     out = a.out or os.path.join(a.workdir, ATTENTION)
     g = model_cfg.img_size // model_cfg.patch_size
+    p = model_cfg.patch_size
+    tokens = (f"{p}x{p}-pixel patches" if model_cfg.stem == "patch" else
+              f"tokens from the conv stem, one per {p}x{p} pixels")
     title = (f"Attention of the best model ({cfg.recipe}, epoch {meta['epoch']}, test acc "
              f"{meta['test_acc']:.1f}%; {model_cfg.depth} layers, {model_cfg.num_heads} heads, a {g}x{g} grid of "
-             f"{model_cfg.patch_size}x{model_cfg.patch_size}-pixel patches)")
+             f"{tokens})")
     result = visualize(model_cfg, run.params, images, names, out, title, true_labels)
     print(f"Wrote {result['path']}")
     return result
