@@ -63,24 +63,6 @@ def conv_stem(config: ModelConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class PatchDropout(nn.Module):
-    """Twin of vit_jax.model.PatchDropout (timm's): in training, a random int(N (1 - rate)) of the N patch
-    tokens of each image, the class token kept first."""
-
-    def __init__(self, rate: float, prefix_tokens: int):
-        super().__init__()
-        self.rate, self.prefix_tokens = rate, prefix_tokens
-
-    def forward(self, x):
-        if not self.training or self.rate == 0.0:
-            return x
-        prefix, x = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
-        B, N, D = x.shape
-        keep = max(1, int(N * (1.0 - self.rate)))
-        order = torch.argsort(torch.randn(B, N, device=x.device), dim=-1)[:, :keep]
-        return torch.cat([prefix, x.gather(1, order.unsqueeze(-1).expand(-1, -1, D))], dim=1)
-
-
 class PatchEmbed(nn.Module):
     """Twin of vit_jax.model.PatchEmbed: (B, 3, H, W) -> (B, N, D). With the conv stem it is timm's
     HybridEmbed: `backbone` (keys patch_embed.backbone.0, .2, ...), then a 1x1 `proj`."""
@@ -156,6 +138,24 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class PatchDropout(nn.Module):
+    """Twin of vit_jax.model.PatchDropout (timm's): in training, a random int(N (1 - rate)) of the N patch
+    tokens of each image, the class token kept first."""
+
+    def __init__(self, rate: float, prefix_tokens: int):
+        super().__init__()
+        self.rate, self.prefix_tokens = rate, prefix_tokens
+
+    def forward(self, x):
+        if not self.training or self.rate == 0.0:
+            return x
+        prefix, x = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
+        B, N, D = x.shape
+        keep = max(1, int(N * (1.0 - self.rate)))
+        order = torch.argsort(torch.randn(B, N, device=x.device), dim=-1)[:, :keep]
+        return torch.cat([prefix, x.gather(1, order.unsqueeze(-1).expand(-1, -1, D))], dim=1)
 
 
 class VisionTransformer(nn.Module):
