@@ -232,3 +232,23 @@ def test_patch_dropout_model_trains_on_fewer_tokens_and_evaluates_on_all():
                                                    rngs={"dropout": jax.random.key(2)})
     _, eval_stages = VisionTransformer(cfg).apply({"params": params}, x, return_stages=True)
     assert train_stages["block00"].shape == (2, 8, 32) and eval_stages["block00"].shape == (2, 16, 32)
+
+
+def test_a_parameters_file_from_before_the_stem_field_still_loads(tmp_path):
+    """A .npz whose saved config has no 'stem' (written before the field existed) is a patch-stem model."""
+    import json
+
+    from vit_jax import weights
+
+    cfg = MODELS["test"]
+    path = str(tmp_path / "old.npz")
+    weights.save(path, init_params(cfg, jax.random.key(0)), cfg)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    saved = json.loads(str(arrays[weights.CONFIG_KEY]))
+    del saved["stem"], saved["patch_drop_rate"]
+    arrays[weights.CONFIG_KEY] = np.asarray(json.dumps(saved))
+    np.savez(path, **arrays)
+    assert count_params(weights.load(path, cfg)) == EXPECTED_PARAMS["test"]
+    with pytest.raises(UserError, match="stem patch -> conv"):
+        weights.load(path, dataclasses.replace(cfg, stem="conv"))
