@@ -81,10 +81,10 @@ HEAD = [
 
 def table(config: ModelConfig) -> list[Row]:
     """Every parameter of the model, once: Flax path, PyTorch key, transform."""
-    stem = [(f.format(i=i), t.format(j=2 * i), tr) for i in range(len(config.stem_widths)) for f, t, tr in CONV_STEM
-            ] if config.stem == "conv" else []
+    backbone = [(f.format(i=i), t.format(j=2 * i), tr) for i in range(len(config.stem_widths))
+                for f, t, tr in CONV_STEM] if config.stem == "conv" else []
     blocks = [(f.format(i=i), t.format(i=i), tr) for i in range(config.depth) for f, t, tr in BLOCK]
-    rows = stem + STEM + (CLASS_TOKEN if config.class_token else []) + POSITIONS + blocks + NORM[config.global_pool] + HEAD
+    rows = backbone + STEM + (CLASS_TOKEN if config.class_token else []) + POSITIONS + blocks + NORM[config.global_pool] + HEAD
     return [Row(*row) for row in rows]
 
 

@@ -55,8 +55,9 @@ class StridedConv3x3(nn.Module):
     """nn.Conv(features, (3, 3), strides 2, padding 1) as one matmul: (B, H, W, C) -> (B, H/2, W/2, F).
 
     Each output pixel's 3x3 neighbourhood of the zero-padded input, gathered by nine strided slices
-    in (row, column, channel) order, times the kernel (3, 3, C, F) as a (9C, F) matrix. Its gradients
-    are a matmul and the slices' scatter: on a CPU faster than a strided convolution's."""
+    in (row, column, channel) order, times the kernel (3, 3, C, F) as a (9C, F) matrix, as
+    PatchProjection does; its gradients are a matmul and the slices' scatter. (Not timed against
+    lax.conv; the fast recipe's step with this stem took what the patch projection's did.)"""
 
     features: int
     dtype: str | None = None
