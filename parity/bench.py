@@ -30,6 +30,7 @@ from vit_jax import augment
 from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import MODELS, RECIPES, TrainConfig
+from vit_jax.devices import describe_devices, split_cpu
 from vit_jax.errors import CommandParser, UserError, cli, reason
 from vit_jax.files import atomic_open
 from vit_jax.workdir import check_output
@@ -115,7 +116,7 @@ def bench(recipe: str, batch_size: int, steps: int, warmup: int, compile: bool =
     """{'jax', 'torch_eager', 'torch_compile'}: each a dict of timings, or a string saying why not."""
     # PyTorch goes where JAX is: the GPU when both have one, else the CPU.
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    out = {"recipe": recipe, "batch_size": batch_size, "jax_device": jax.devices()[0].device_kind,
+    out = {"recipe": recipe, "batch_size": batch_size, "jax_device": describe_devices(),
            "torch_device": device, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
            "torch_version": torch.__version__}
@@ -162,6 +163,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the step under torch.compile")
+    parser.add_argument("--cpu_devices", type=int, default=0,
+                        help="on a CPU, the XLA devices the batch is split over, as in training (default 0: one "
+                             "per core that divides the batch; 1: one device)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     parser.add_argument("--torch_threads", type=int, default=None,
                         help="PyTorch's CPU threads (default: its own choice, one per core); on a CPU that "
@@ -169,6 +173,9 @@ def main(argv=None):
     a = parser.parse_args(argv)
     if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.torch_threads is not None and a.torch_threads <= 0):
         raise UserError("batch_size, steps and torch_threads must be positive, warmup non-negative")
+    if a.cpu_devices < 0:
+        raise UserError(f"--cpu_devices must be 0 (one per core) or positive, got {a.cpu_devices}")
+    split_cpu(a.cpu_devices, a.batch_size)
     if a.json:
         check_output(a.json, "--json")  # before minutes of timing, not after
     if a.torch_threads:

@@ -14,6 +14,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
+# One CPU device, unless a test asks for more (--cpu_devices, XLA_FLAGS): the commands' default of one
+# per core would give the in-process runs as many devices as the first of them set up, whichever test
+# that was. The default itself is tested in test_train.py, in processes of their own.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+
 import importlib.abc
 import importlib.machinery
 import sys

@@ -35,7 +35,7 @@ def _args(archive, workdir, *extra):
 
 def _start(args, processes: int, devices: int, port=None, extra=None):
     """Popen of each process of a run (python -m vit_jax.train), with `devices` CPU devices each."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
     procs = []
     for i in range(processes):
         many = ["--coordinator_address", f"localhost:{port}", "--num_processes", str(processes), "--process_id",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import write_cifar_archive
-from vit_jax import config as config_lib, evaluate, train
+from vit_jax import config as config_lib, evaluate, step, train
 from vit_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,17 +111,30 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):
     results = {}
     for n in (1, 8):
         workdir = str(tmp_path / f"dev{n}")
-        # One device is the default, without the flag, so that this run finds its steps compiled by the other
-        # tests (XLA_FLAGS is part of the compilation cache's key).
-        env = {"JAX_PLATFORMS": "cpu"}
-        if n > 1:
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-        run = _cli(*_train_cmd(cifar_archive, workdir, "--epochs", "1"), env=env)
+        run = _cli(*_train_cmd(cifar_archive, workdir, "--epochs", "1", "--cpu_devices", str(n)),
+                   env={"JAX_PLATFORMS": "cpu"})
         assert run.returncode == 0, run.stderr
         assert f"Device: {n} x cpu" in run.stdout
         results[n] = _rows(workdir)[0]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert results[8][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-5), key
+
+
+def test_by_default_a_cpu_is_split_into_a_device_per_core_that_divides_the_batch(tmp_path, cifar_archive):
+    """The commands' default (the suite's conftest sets one device for its own runs): one device per
+    core, as many as divide the batch. Several epochs, each ending in an evaluation of every test
+    batch, the switch where queued multi-device programs once waited on each other (step.IN_FLIGHT)."""
+    cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    for batch in (16, 15):
+        workdir = str(tmp_path / f"batch{batch}")
+        run = subprocess.run([sys.executable, "-u", "-m", *_train_cmd(cifar_archive, workdir, "--epochs", "3",
+                                                                      "--batch_size", str(batch))],
+                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr
+        want = max(d for d in range(1, cores + 1) if batch % d == 0)
+        assert f"Device: {want} x cpu" in run.stdout, run.stdout
+        assert [r["epoch"] for r in _rows(workdir)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -240,10 +253,10 @@ def test_a_stop_is_acted_on_within_a_few_steps_not_after_the_queue_drains(tmp_pa
     took = time.time() - sent
     assert proc.returncode == train.EXIT_INTERRUPTED, err
     # About 7 steps were done when the signal came (the warning's 4, then 3 steps' sleep); then the
-    # steps under way (train.IN_FLIGHT) and the save. An unbounded queue ran 30 more here.
+    # steps under way (step.IN_FLIGHT) and the save. An unbounded queue ran 30 more here.
     batch = int(out.split("Saved at epoch 1, batch ")[1].split("/")[0])
-    assert batch <= 7 + train.IN_FLIGHT + 4, out
-    assert took < (train.IN_FLIGHT + 3) * step_s + 8, (took, step_s)
+    assert batch <= 7 + step.IN_FLIGHT + 4, out
+    assert took < (step.IN_FLIGHT + 3) * step_s + 8, (took, step_s)
 
 
 def test_a_workdir_with_checkpoints_but_no_config_is_refused_not_overwritten(tmp_path, cifar_archive):

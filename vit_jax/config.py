@@ -121,6 +121,9 @@ class TrainConfig:
                                          "grad_accum per update: the memory of the smaller batch, the result of the "
                                          "whole one. Not given: 1, but on the CPU micro-batches of at most 512 tokens "
                                          "per device, which run faster in its caches")
+    cpu_devices: int = field(0, "on a CPU without accelerator, the XLA devices the batch is split over: 0, one "
+                                "per core (as many as divide the batch; each core takes a share, about 1.3x the "
+                                "images/s of one device on 2 cores); 1: one device", resumable=True)
     lr: float = field(3e-4, "peak learning rate of the optimizer")
     optimizer: str = field("adamw", "adamw (torch.optim.AdamW's), or sgd: SGD with momentum 0.9, as "
                                     "google-research/vision_transformer fine-tunes (--recipe finetune)")
@@ -182,6 +185,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every", "grad_accum", "heartbeat_timeout"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.cpu_devices < 0:
+            raise UserError(f"cpu_devices must be 0 (one per core) or positive, got {self.cpu_devices}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.optimizer not in ("adamw", "sgd"):

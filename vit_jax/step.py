@@ -4,6 +4,7 @@ Pure JAX: no data I/O, no TensorFlow, so the benchmark can run it on a bare acce
 compiled for a `devices.DataParallel` mesh: the batch is sharded, parameters are replicated.
 """
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -19,6 +20,13 @@ from vit_jax import augment
 from vit_jax.config import ModelConfig, TrainConfig
 from vit_jax.devices import DataParallel
 from vit_jax.model import VisionTransformer, init_params
+
+# Steps dispatched ahead of the device, in training and evaluation. The host prepares the next batch
+# while the device computes, a stop (Ctrl+C, SIGTERM, the budget's deadline) is acted on within this
+# many steps, and the devices of a multi-device CPU mesh never hold more queued programs than this
+# (with all of an evaluation's batches queued at once, their collectives could wait on each other
+# past XLA's rendezvous timeout: docs/benchmarks.md).
+IN_FLIGHT = 2
 
 
 class TrainState(train_state.TrainState):
@@ -349,14 +357,18 @@ def jit_train_step(parallel: DataParallel, settings: Settings, schedule: Schedul
 
 
 def jit_eval_step(parallel: DataParallel, model_cfg: ModelConfig, tta_flip: bool = False):
-    """eval_step compiled for these devices; the running metrics are donated."""
-    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg, tta_flip=tta_flip), donate_argnums=(1,),
+    """eval_step compiled for these devices. The running sums are not donated, as in training, so that
+    `evaluate` can wait on an earlier batch's."""
+    return jax.jit(functools.partial(eval_step, model_cfg=model_cfg, tta_flip=tta_flip),
                    out_shardings=parallel.replicated)
 
 
 def evaluate(eval_fn, parallel: DataParallel, params, batches) -> tuple[float, float]:
     """(loss, accuracy %) over `batches`, an iterable of (images, labels, mask): a whole split."""
-    metrics = parallel.replicate(zero_metrics())
+    metrics, in_flight = parallel.replicate(zero_metrics()), collections.deque()
     for batch in batches:
         metrics = eval_fn(params, metrics, *parallel.put_batch(*batch))
+        in_flight.append(metrics)
+        if len(in_flight) > IN_FLIGHT:  # bounded like training's steps: see IN_FLIGHT
+            jax.block_until_ready(in_flight.popleft())
     return means(metrics)

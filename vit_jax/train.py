@@ -6,7 +6,7 @@ save. Rerunning the same command resumes from the workdir's latest checkpoint an
 metrics an uninterrupted run would have: batches, augmentation and dropout are pure functions of
 (seed, step), and the running sums of an unfinished epoch are checkpointed with the state.
 
-Ctrl+C or SIGTERM stops the loop after the steps under way (at most `IN_FLIGHT`), saves, and exits
+Ctrl+C or SIGTERM stops the loop after the steps under way (at most `step.IN_FLIGHT`), saves, and exits
 with status 130; a second one quits at once, keeping the previous checkpoint (`errors.stoppable`).
 A loss that stops being finite ends the run before anything is saved, so the last good checkpoint
 stays the latest.
@@ -32,13 +32,10 @@ from vit_jax import config as config_lib, data, distributed, processes, step, su
 from vit_jax import budget as budget_lib, workdir
 from vit_jax.budget import REVISE_AFTER, Budget
 from vit_jax.config import ModelConfig, TrainConfig
-from vit_jax.devices import DataParallel, describe_devices
+from vit_jax.devices import DataParallel, describe_devices, split_cpu
 from vit_jax.errors import EXIT_INTERRUPTED, UserError, cli, stoppable
 from vit_jax.model import count_params
 
-# Steps dispatched ahead of the device. The host prepares the next batch while the device computes,
-# and a stop (Ctrl+C, SIGTERM, the budget's deadline) is acted on within this many steps.
-IN_FLIGHT = 2
 STOP_CHECK_EVERY = 10  # with many processes, they agree on a stop every this many steps
 
 
@@ -195,7 +192,7 @@ def train_loop(run: Run, state, metrics, meta: dict) -> list[dict]:
 
 
 def train_epoch(run: Run, state, metrics, meta: dict, clock: "Clock", stop, t0: float):
-    """The epoch's steps left, at most IN_FLIGHT ahead of the device; a stop saves and exits here."""
+    """The epoch's steps left, at most step.IN_FLIGHT ahead of the device; a stop saves and exits here."""
     cfg, spe, epoch = run.cfg, run.steps_per_epoch, meta["epochs_done"]
     first, last = int(state.step), min((epoch + 1) * spe, meta["total_steps"])  # steps first..last-1
     print(f"\nEpoch {epoch + 1}/{-(-meta['total_steps'] // spe)} | lr {lr_span(run, first, last)}")
@@ -206,7 +203,7 @@ def train_epoch(run: Run, state, metrics, meta: dict, clock: "Clock", stop, t0: 
         for done in range(first + 1, last + 1):  # `done` steps after this one
             state, metrics = run.train_fn(state, metrics, *run.parallel.put_batch(*next(batches)), key)
             in_flight.append(metrics)
-            if len(in_flight) > IN_FLIGHT:  # the host waits for an earlier step: it stays close to the device
+            if len(in_flight) > step.IN_FLIGHT:  # the host waits for an earlier step: stays close to the device
                 jax.block_until_ready(in_flight.popleft())
             bar.update()
             clock.stepped(done - first, metrics, run.steps_per_epoch)
@@ -387,6 +384,8 @@ def main(argv=None):
     if topology is not None:  # this process trains; started as a command, under its supervisor
         cfg = distributed.start(cfg, topology)
         distributed.agree(cfg, model_cfg)
+    else:
+        split_cpu(cfg.cpu_devices, cfg.batch_size)
     train_and_evaluate(cfg, model_cfg)
 
 
