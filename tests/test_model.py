@@ -117,8 +117,13 @@ def test_attention_kernel_is_chosen_from_backend_and_dtype(monkeypatch):
     assert attention_implementation(cfg) == "xla"  # this CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention_implementation(cfg) == "xla"  # float32: cuDNN's fused kernel takes 16-bit inputs
-    assert attention_implementation(dataclasses.replace(cfg, dtype="bfloat16")) == "cudnn"
-    assert attention_implementation(dataclasses.replace(cfg, dtype="bfloat16", attention="xla")) == "xla"
+    assert attention_implementation(dataclasses.replace(cfg, dtype="bfloat16"), tokens=16) == "cudnn"
+    assert attention_implementation(dataclasses.replace(cfg, dtype="bfloat16", attention="xla"), tokens=16) == "xla"
+    # An odd number of tokens (a class token and an even grid: the tutorial's 197), which cuDNN refused
+    tutorial = dataclasses.replace(MODELS["tutorial"], dtype="bfloat16")
+    assert tutorial.num_tokens == 197 and attention_implementation(tutorial) == "xla"
+    assert attention_implementation(tutorial, tokens=196) == "cudnn"
+    assert attention_implementation(dataclasses.replace(MODELS["fast"], dtype="bfloat16"), tokens=12) == "cudnn"
 
 
 def test_fused_attention_and_the_spelled_out_softmax_agree():

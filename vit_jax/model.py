@@ -96,11 +96,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
-def attention_implementation(config: ModelConfig) -> str:
-    """'cudnn' (the fused kernel) on an NVIDIA GPU in bfloat16 when config.attention is 'auto', else 'xla'."""
+def attention_implementation(config: ModelConfig, tokens: int | None = None) -> str:
+    """With config.attention 'auto': 'cudnn' (the fused kernel) on an NVIDIA GPU in bfloat16 for an even
+    number of tokens (default: the model's), else 'xla'. cuDNN refused the tutorial's 197 tokens in
+    training (jax 0.11.2 on an H200, 2026-12-04: "Unsupported sequence length Q 197, KV 197")."""
     if config.attention != "auto":
         return config.attention
-    return "cudnn" if jax.default_backend() == "gpu" and config.dtype == "bfloat16" else "xla"
+    tokens = config.num_tokens if tokens is None else tokens
+    return "cudnn" if jax.default_backend() == "gpu" and config.dtype == "bfloat16" and tokens % 2 == 0 else "xla"
 
 
 class Attention(nn.Module):
@@ -126,7 +129,8 @@ class Attention(nn.Module):
             self.sow("intermediates", "attn", attn)
             x = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
         else:
-            x = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=attention_implementation(self.config))
+            kernel = attention_implementation(self.config, N)
+            x = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=kernel)
         return self.proj_drop(self.proj(x.reshape(B, N, D)), deterministic=deterministic)
 
 
