@@ -18,9 +18,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (recipe, batch, dtype), the most telling first: a step that runs out of time loses the last ones.
+# On the H200 (2026-12-04) each shape compiled in 14-17 s: 80 s held four.
 FULL_BENCH = [("fast", 64, "float32"), ("tutorial", 64, "float32"), ("tutorial", 512, "bfloat16"),
-              ("fast", 64, "bfloat16"), ("fast", 1024, "bfloat16"), ("cifar", 512, "bfloat16"),
-              ("tutorial", 64, "bfloat16"), ("tutorial", 512, "float32")]
+              ("fast", 64, "bfloat16"), ("fast", 1024, "bfloat16"), ("cifar", 512, "bfloat16")]
 SMOKE_BENCH = [("test", 8, "float32"), ("test", 8, "bfloat16")]
 
 BENCH_CODE = """
@@ -153,7 +153,7 @@ def main(argv=None):
 
     configs = SMOKE_BENCH if smoke else FULL_BENCH
     output = run.step("bench", [py, "-c", BENCH_CODE, json.dumps(configs), "2" if smoke else "10"],
-                      90 if smoke else 80, reserve=0 if smoke else 430,
+                      90 if smoke else 75, reserve=0 if smoke else 435,
                       shown=f"vit_jax.bench.run for {len(configs)} (recipe, batch, dtype)")
     run.summary["bench"] = lines(output, "BENCH")
     run.save()
@@ -167,11 +167,12 @@ def main(argv=None):
         run.log.write(f"\n===== make_cifar10_archive.py\n{made}")
         run.summary["steps"]["data"] = {"status": maker.returncode}
     # The fast recipe for 20 epochs (what a GPU user runs: docs/recipes.md has its CPU runs), then the
-    # tutorial's recipe, 20 epochs at batch 64. A training cut short by its limit keeps its epochs.
+    # tutorial's recipe, 20 epochs at batch 64. A training cut short by its limit keeps its epochs. On
+    # the H200 (2026-12-04): 94 s, and 14.5 s then 8.5 s an epoch (about 190 s in all).
     trainings = ([("test", ["--recipe", "test", "--epochs", "2", "--batch_size", "16", "--train_limit", "96",
                             "--test_limit", "32"], 120, 0)] if smoke else
-                 [("fast", ["--recipe", "fast", "--epochs", "20"], 150, 270),
-                  ("tutorial", ["--recipe", "tutorial", "--epochs", "20"], 150, 110)])
+                 [("fast", ["--recipe", "fast", "--epochs", "20"], 110, 325),
+                  ("tutorial", ["--recipe", "tutorial", "--epochs", "20"], 210, 115)])
     for recipe, flags, limit, reserve in trainings:
         workdir = os.path.join(scratch, f"run_{recipe}")
         output = run.step(f"train_{recipe}", [py, "-m", "vit_jax.train", "--archive", archive, "--workdir", workdir,
@@ -187,7 +188,7 @@ def main(argv=None):
         run.save()
 
     for recipe, extra, limit in ((("test", ["--no-compile"], 60),) if smoke else
-                                 (("fast", [], 50), ("tutorial", [], 50))):
+                                 (("fast", [], 70),)):  # the tutorial's model: 0.35 (docs/gpu.md)
         path = os.path.join(a.out, f"parity_bench_{recipe}.json")
         run.step(f"parity_bench_{recipe}", [py, "-m", "parity.bench", "--recipe", recipe, "--batch_size",
                                             "8" if smoke else "64", "--steps", "2" if smoke else "10",

@@ -8,7 +8,7 @@
 # first, in the background), or the official cifar-10-binary.tar.gz or its folder. It prints the GPU
 # and the versions; times vit_jax.bench for the fast, tutorial and cifar models at batch 64, 512 and
 # 1024 in float32 and bfloat16 (images/s, ms/step, MFU); trains the fast recipe and the tutorial's,
-# 20 epochs each at batch 64 on the real data; times parity.bench for both models (JAX vs PyTorch
+# 20 epochs each at batch 64 on the real data; times parity.bench for the fast model (JAX vs PyTorch
 # eager and torch.compile); runs parity.compare on the GPU at the highest matmul precision; and
 # writes every figure to OUT/summary.json, the outputs to OUT/steps.log and OUT/train_RECIPE.log.
 # Exit status 0 when every step succeeded, 1 when one failed (the others still ran: OUT/summary.json
