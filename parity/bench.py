@@ -199,7 +199,8 @@ def main(argv=None):
     mm, gflop = r["matmul"], r["gflop_per_step"]
     print(f"what limits them: {gflop:.3g} GFLOP per step (from the model's shapes), and the largest matmul alone, "
           f"(N, {mm['shape'][0]}) @ ({mm['shape'][0]}, {mm['shape'][1]}):")
-    jax_whose = "a micro-batch of the JAX step" if k > 1 else "its whole batch"
+    jax_whose = ("a micro-batch of the JAX step" if k > 1 else
+                 "a device's share of its batch" if jax.device_count() > 1 else "its whole batch")
     for name, rate, rows, what in (("XLA", mm["jax_gflops"], mm["jax_rows"], jax_whose),
                                    ("PyTorch", mm["torch_gflops"], mm["torch_rows"], "its whole batch")):
         print(f"  {name:<8} {rate:8.1f} GFLOP/s at N = {rows:,} ({what}): the step's FLOPs at that rate take "
