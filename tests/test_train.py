@@ -75,20 +75,13 @@ def _train_cmd(archive, workdir, *extra):
             "--archive", archive, "--workdir", workdir, *extra)
 
 
-def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path, cifar_archive):
-    """Batches of 32 (544 tokens), which the CPU's step takes in two micro-batches, as it does unasked."""
-    cmd = lambda workdir: _train_cmd(cifar_archive, workdir, "--batch_size", "32")
-    straight = str(tmp_path / "straight")
-    first = _cli(*cmd(straight))
-    assert first.returncode == 0 and "(3 batches per epoch, each in 2 micro-batches of 16)" in first.stdout
-
-    resumed = str(tmp_path / "resumed")
-    # Interrupted as epoch 2 starts, the run stops after one of its batches. Epoch 2 takes tens of ms
-    # here: on a loaded machine, the signal can come after its last batch (then the run stops at the
-    # epoch's end, which is not the case this test is for), so up to three tries.
+def _interrupt_in_epoch_2(cmd, workdir) -> str:
+    """Runs cmd (2 epochs) and interrupts it as epoch 2 starts: it stops after one of its batches, saved.
+    Epoch 2 takes tens of ms here: on a loaded machine the signal can come after its last batch (then
+    the run stops at the epoch's end, which is not the case this is for), so up to three tries."""
     for attempt in range(3):
-        shutil.rmtree(resumed, ignore_errors=True)
-        proc = subprocess.Popen([sys.executable, "-u", "-m", *cmd(resumed)], cwd=ROOT,
+        shutil.rmtree(workdir, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, "-u", "-m", *cmd], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             if line.startswith("Epoch 2/2"):  # printed after epoch 1 is recorded, before epoch 2's first batch
@@ -97,14 +90,38 @@ def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path
         out = proc.communicate(timeout=300)[0]
         assert proc.returncode == train.EXIT_INTERRUPTED, out
         assert "Run the same command again to resume" in out
-        if len(_rows(resumed)) == 1:
+        if len(_rows(workdir)) == 1:
             break
-    assert len(_rows(resumed)) == 1 and "Saved at epoch 2, batch" in out, out  # inside epoch 2, its sums saved
+    assert len(_rows(workdir)) == 1 and "Saved at epoch 2, batch" in out, out  # inside epoch 2, its sums saved
+    return out
 
+
+def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path, cifar_archive):
+    """Batches of 32 (544 tokens), which the CPU's step takes in two micro-batches, as it does unasked."""
+    cmd = lambda workdir: _train_cmd(cifar_archive, workdir, "--batch_size", "32")
+    straight = str(tmp_path / "straight")
+    first = _cli(*cmd(straight))
+    assert first.returncode == 0 and "(3 batches per epoch, each in 2 micro-batches of 16)" in first.stdout
+
+    resumed = str(tmp_path / "resumed")
+    _interrupt_in_epoch_2(cmd(resumed), resumed)
     again = _cli(*cmd(resumed))
     assert again.returncode == 0, again.stderr
     assert "Resuming from" in again.stdout
     assert _without_timing(_rows(resumed)) == _without_timing(_rows(straight))
+
+
+def test_a_run_resumes_on_another_number_of_cpu_devices(tmp_path, cifar_archive):
+    """A workdir moved to a machine with more cores: --cpu_devices (one per core by default) may change."""
+    straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+    assert _cli(*_train_cmd(cifar_archive, straight)).returncode == 0
+    _interrupt_in_epoch_2(_train_cmd(cifar_archive, moved, "--cpu_devices", "1"), moved)
+    again = _cli(*_train_cmd(cifar_archive, moved, "--cpu_devices", "2"))
+    assert again.returncode == 0, again.stderr
+    assert "Resuming from" in again.stdout and "Device: 2 x cpu" in again.stdout
+    for row, want in zip(_rows(moved), _rows(straight), strict=True):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (row["epoch"], key)
 
 
 def test_eight_devices_give_the_losses_of_one(tmp_path, cifar_archive):

@@ -45,8 +45,8 @@ def test_config_fields_carry_their_help_and_resumability():
         for f in dataclasses.fields(cls):
             assert f.metadata["help"], f.name
     assert {f.name for f in dataclasses.fields(TrainConfig) if config_lib.resumable(f)} == {
-        "recipe", "workdir", "data_dir", "archive", "patience", "log_every", "save_every", "fresh", "tensorboard",
-        "coordinator_address", "num_processes", "process_id", "heartbeat_timeout"}
+        "recipe", "cpu_devices", "workdir", "data_dir", "archive", "patience", "log_every", "save_every", "fresh",
+        "tensorboard", "coordinator_address", "num_processes", "process_id", "heartbeat_timeout"}
     assert {f.name for f in dataclasses.fields(config_lib.ModelConfig) if config_lib.resumable(f)} == {"attention"}
     text = config_lib.build_parser("x").format_help()
     assert "--epochs INT" in text and "passes over the training split (default: 20)" in text
