@@ -30,7 +30,7 @@ from vit_jax import augment
 from vit_jax import bench as jax_bench
 from vit_jax.augment import CROP_PADDING
 from vit_jax.config import MODELS, RECIPES, TrainConfig
-from vit_jax.devices import describe_devices, split_cpu
+from vit_jax.devices import CPU_DEVICES_HELP, describe_devices, split_cpu
 from vit_jax.errors import CommandParser, UserError, cli, reason
 from vit_jax.files import atomic_open
 from vit_jax.workdir import check_output
@@ -163,9 +163,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the step under torch.compile")
-    parser.add_argument("--cpu_devices", type=int, default=0,
-                        help="on a CPU, the XLA devices the batch is split over, as in training (default 0: one "
-                             "per core that divides the batch; 1: one device)")
+    parser.add_argument("--cpu_devices", type=int, default=0, help=CPU_DEVICES_HELP)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     parser.add_argument("--torch_threads", type=int, default=None,
                         help="PyTorch's CPU threads (default: its own choice, one per core); on a CPU that "
@@ -173,8 +171,6 @@ def main(argv=None):
     a = parser.parse_args(argv)
     if a.batch_size <= 0 or a.steps <= 0 or a.warmup < 0 or (a.torch_threads is not None and a.torch_threads <= 0):
         raise UserError("batch_size, steps and torch_threads must be positive, warmup non-negative")
-    if a.cpu_devices < 0:
-        raise UserError(f"--cpu_devices must be 0 (one per core) or positive, got {a.cpu_devices}")
     split_cpu(a.cpu_devices, a.batch_size)
     if a.json:
         check_output(a.json, "--json")  # before minutes of timing, not after

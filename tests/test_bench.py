@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vit_jax import bench
 from vit_jax.config import MODELS
 
@@ -52,3 +54,11 @@ def test_bench_refuses_bad_batch_size():
     run = subprocess.run([sys.executable, "-m", "vit_jax.bench", "--recipe", "test", "--batch_size", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr and "positive" in run.stderr
+
+
+@pytest.mark.parametrize("module", ["vit_jax.bench", "parity.bench"])
+def test_bench_refuses_a_negative_number_of_cpu_devices(module):
+    run = subprocess.run([sys.executable, "-m", module, "--recipe", "test", "--cpu_devices", "-1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "--cpu_devices must be 0 (one per core) or positive, got -1" in run.stderr

@@ -23,7 +23,7 @@ import numpy as np
 
 from vit_jax import augment, step
 from vit_jax.config import MODELS, RECIPES, ModelConfig, TrainConfig
-from vit_jax.devices import DataParallel, split_cpu
+from vit_jax.devices import CPU_DEVICES_HELP, DataParallel, split_cpu
 from vit_jax.errors import CommandParser, UserError, cli
 from vit_jax.model import attention_implementation, count_params
 
@@ -242,9 +242,7 @@ def main(argv=None):
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
     parser.add_argument("--grad_accum", type=int, default=None,
                         help="micro-batches per update (default: the run's, see vit_jax.train --help)")
-    parser.add_argument("--cpu_devices", type=int, default=0,
-                        help="on a CPU, the XLA devices the batch is split over, as in training (default 0: one "
-                             "per core that divides the batch; 1: one device)")
+    parser.add_argument("--cpu_devices", type=int, default=0, help=CPU_DEVICES_HELP)
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after warm-up")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true",
@@ -258,8 +256,6 @@ def main(argv=None):
         raise UserError("batch_size and steps must be positive, warmup non-negative")
     if a.peak_tflops is not None and not 0 < a.peak_tflops < float("inf"):
         raise UserError(f"--peak_tflops must be a positive number, got {a.peak_tflops}")
-    if a.cpu_devices < 0:
-        raise UserError(f"--cpu_devices must be 0 (one per core) or positive, got {a.cpu_devices}")
     split_cpu(a.cpu_devices, a.batch_size)
     r = run(a.recipe, a.batch_size, a.dtype, a.steps, a.warmup, a.peak_tflops, a.attention, a.grad_accum, a.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak; pass --peak_tflops)"

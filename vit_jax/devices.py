@@ -64,12 +64,18 @@ class DataParallel:
                                                                    lambda index: np.asarray(x)[index]), tree)
 
 
+CPU_DEVICES_HELP = ("on a CPU, the XLA devices the batch is split over, as in training (default 0: one per core "
+                    "that divides the batch; 1: one device)")
+
+
 def split_cpu(cpu_devices: int, batch_size: int) -> int | None:
     """Before JAX starts: the XLA devices a CPU splits into (`--cpu_devices`; 0: one per core, as many
     as divide the batch), returned; None where the environment already says (JAX_NUM_CPU_DEVICES, or
     XLA_FLAGS's --xla_force_host_platform_device_count). XLA:CPU runs each matmul fusion on one thread:
     with a device per core, each core takes a share of every batch, as GPUs do (docs/benchmarks.md).
     Accelerators are not affected."""
+    if cpu_devices < 0:
+        raise UserError(f"--cpu_devices must be 0 (one per core) or positive, got {cpu_devices}")
     if not cpu_devices and ("JAX_NUM_CPU_DEVICES" in os.environ
                             or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
         return None
