@@ -68,9 +68,9 @@ CPU_DEVICES_HELP = ("on a CPU, the XLA devices the batch is split over, as in tr
                     "that divides the batch; 1: one device)")
 
 
-def split_cpu(cpu_devices: int, batch_size: int) -> int | None:
-    """Before JAX starts: the XLA devices a CPU splits into (`--cpu_devices`; 0: one per core, as many
-    as divide the batch), returned; None where the environment already says (JAX_NUM_CPU_DEVICES, or
+def split_cpu(cpu_devices: int, batch_size: int):
+    """Before JAX starts: sets the XLA devices a CPU splits into (`--cpu_devices`; 0: one per core, as
+    many as divide the batch), unless the environment already says (JAX_NUM_CPU_DEVICES, or
     XLA_FLAGS's --xla_force_host_platform_device_count). XLA:CPU runs each matmul fusion on one thread:
     with a device per core, each core takes a share of every batch, as GPUs do (docs/benchmarks.md).
     Accelerators are not affected."""
@@ -78,7 +78,7 @@ def split_cpu(cpu_devices: int, batch_size: int) -> int | None:
         raise UserError(f"--cpu_devices must be 0 (one per core) or positive, got {cpu_devices}")
     if not cpu_devices and ("JAX_NUM_CPU_DEVICES" in os.environ
                             or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
-        return None
+        return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = cpu_devices or max(d for d in range(1, cores + 1) if batch_size % d == 0)
     try:
@@ -86,8 +86,6 @@ def split_cpu(cpu_devices: int, batch_size: int) -> int | None:
     except RuntimeError:  # JAX has started (a call from Python that ran JAX before): its devices stay
         if cpu_devices and jax.default_backend() == "cpu" and jax.local_device_count() != cpu_devices:
             raise UserError(f"--cpu_devices {cpu_devices} must be set before JAX starts: pass it to a fresh process")
-        return None
-    return n
 
 
 def _fingerprint(tree) -> np.ndarray:
