@@ -12,6 +12,7 @@ Which processes a run has, and the supervisor each one trains under, are `proces
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -143,10 +144,24 @@ def same_in_every_process(value) -> bool:
     return bool((everyone == everyone[0]).all())
 
 
+# A collective whose peer went away: Gloo's words on the CPU ("Gloo all-reduce failed: ... Connection
+# closed by peer [127.0.0.1]:23972") when a process dies while the others are in a step with it.
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")
+
+
+def failure(error: BaseException) -> str:
+    """What a step's error means to a person, in a line: a lost peer says so and what to do, as the
+    supervisor's line for a lost heartbeat does (`processes.py`); anything else is its first line."""
+    text = str(error).strip()
+    if PEER_GONE.search(text):
+        return ("another process closed its connection during a collective (it died, or was stopped); "
+                "rerun every process with the same command to resume")
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def fail_fast(error: BaseException, process_id) -> None:
     """One line, then out at once: with other processes waiting in collectives or barriers, an orderly
     exit (jax's own shutdown is a barrier too) would hang until their timeout."""
     if jax.process_count() > 1:
-        print(f"error: process {process_id}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300]}",
-              file=sys.stderr, flush=True)
+        print(f"error: process {process_id}: {failure(error)}", file=sys.stderr, flush=True)
         os._exit(EXIT_PEER_LOST)
