@@ -21,7 +21,7 @@ import jax
 
 from vit_jax.config import ModelConfig, TrainConfig, to_dict
 from vit_jax.errors import UserError
-from vit_jax.processes import EXIT_PEER_LOST, Topology
+from vit_jax.processes import EXIT_PEER_LOST, RERUN, Topology
 
 INIT_TIMEOUT = 120  # seconds to wait for every process to join
 
@@ -154,8 +154,7 @@ def failure(error: BaseException) -> str:
     supervisor's line for a lost heartbeat does (`processes.py`); anything else is its first line."""
     text = str(error).strip()
     if PEER_GONE.search(text):
-        return ("another process closed its connection during a collective (it died, or was stopped); "
-                "rerun every process with the same command to resume")
+        return f"another process closed its connection during a collective (it died, or was stopped); {RERUN}"
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 

@@ -19,6 +19,7 @@ from vit_jax.errors import UserError, cli
 
 CHILD = "VIT_JAX_DISTRIBUTED_CHILD"  # set in the supervised child
 EXIT_PEER_LOST = 3  # the status of a process stopped because another one died
+RERUN = "rerun every process with the same command to resume"  # what to do then, in every such line
 # Cluster managers that start one process per task and tell jax (through these) who is who.
 CLUSTER_MARKERS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI"}
 
@@ -114,8 +115,7 @@ def supervise(argv: list[str], process_id) -> int:
         t.join()
     if any(line.startswith("F") for line in held if RUNTIME_LOG.match(line)):  # a fatal one: the runtime ended it
         print(f"error: process {'?' if process_id is None else process_id}: stopped by jax's distributed runtime: "
-              f"{_what_happened(held)}; rerun every process with the same command to resume", file=sys.stderr,
-              flush=True)
+              f"{_what_happened(held)}; {RERUN}", file=sys.stderr, flush=True)
         return EXIT_PEER_LOST
     return status if status >= 0 else 128 - status
 
