@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from parity.lion import Lion
 from parity.model import VisionTransformer as TorchViT
 from parity.port import flax_to_torch, read_torch_checkpoint, torch_to_flax
 from vit_jax import augment, data, step
@@ -135,8 +136,8 @@ def forward_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, images,
 
 
 def _torch_optimizer(model: TorchViT, cfg: TrainConfig):
-    """torch.optim.AdamW (or SGD with momentum 0.9, with --optimizer sgd) as vit_jax.step.make_optimizer
-    builds optax's; without decay_all, the same parameters as step.decay_mask are spared."""
+    """torch.optim.AdamW (or SGD with momentum 0.9, with --optimizer sgd; with lion, parity.lion's) as
+    vit_jax.step.make_optimizer builds optax's; without decay_all, the same parameters as step.decay_mask are spared."""
     decay, spared = [], []
     for name, p in model.named_parameters():
         keep = cfg.decay_all or (p.ndim > 1 and name not in ("cls_token", "pos_embed"))
@@ -144,6 +145,8 @@ def _torch_optimizer(model: TorchViT, cfg: TrainConfig):
     groups = [{"params": decay}] + ([{"params": spared, "weight_decay": 0.0}] if spared else [])
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lion":
+        return Lion(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 

@@ -418,7 +418,7 @@ def test_the_finetune_recipe_is_googles():
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.schedule, cfg.grad_clip) == \
         ("sgd", 0.01, 0.0, 512, "cosine", 1.0)
     assert 0 < cfg.warmup_epochs < cfg.epochs and cfg.augment and not cfg.crop
-    with pytest.raises(UserError, match="optimizer must be adamw or sgd, got 'adam'"):
+    with pytest.raises(UserError, match="optimizer must be adamw, sgd or lion, got 'adam'"):
         config_lib.parse_args(["--optimizer", "adam"])
 
 

@@ -125,10 +125,12 @@ class TrainConfig:
                                 "per core (as many as divide the batch; each core takes a share, about 1.3x the "
                                 "images/s of one device on 2 cores); 1: one device", resumable=True)
     lr: float = field(3e-4, "peak learning rate of the optimizer")
-    optimizer: str = field("adamw", "adamw (torch.optim.AdamW's), or sgd: SGD with momentum 0.9, as "
-                                    "google-research/vision_transformer fine-tunes (--recipe finetune)")
-    weight_decay: float = field(0.1, "AdamW's decoupled weight decay; with sgd, weight_decay * params added to "
-                                     "the gradient, as torch.optim.SGD's")
+    optimizer: str = field("adamw", "adamw (torch.optim.AdamW's); sgd: SGD with momentum 0.9, as "
+                                    "google-research/vision_transformer fine-tunes (--recipe finetune); lion: "
+                                    "optax.lion (Chen et al. 2023: the sign of the momentum, b1 0.9, b2 0.99), "
+                                    "usually with a 3-10x smaller lr and a larger weight_decay than adamw's")
+    weight_decay: float = field(0.1, "AdamW's (and Lion's) decoupled weight decay; with sgd, weight_decay * params "
+                                     "added to the gradient, as torch.optim.SGD's")
     schedule: str = field("epoch_cosine", "epoch_cosine: PyTorch's CosineAnnealingLR stepped per epoch; "
                                           "cosine: per step")
     warmup_epochs: float = field(0.0, "linear warm-up before the cosine (schedule=cosine only)")
@@ -189,8 +191,8 @@ class TrainConfig:
             raise UserError(f"cpu_devices must be 0 (one per core) or positive, got {self.cpu_devices}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise UserError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.optimizer not in ("adamw", "sgd", "lion"):
+            raise UserError(f"optimizer must be adamw, sgd or lion, got {self.optimizer!r}")
         if self.weight_decay < 0:
             raise UserError(f"weight_decay must be non-negative, got {self.weight_decay}")
         if self.schedule not in ("epoch_cosine", "cosine"):

@@ -98,7 +98,7 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (or with --optimizer sgd, SGD with momentum 0.9) at a learning rate of 1 (the schedule scales
+    """AdamW (or with --optimizer sgd, SGD with momentum 0.9; lion, Lion) at a learning rate of 1 (the schedule scales
     its updates: `adamw_update`); with --grad_clip, the gradients' global norm is capped first (as
     torch.nn.utils.clip_grad_norm_ before the optimizer's step)."""
     return _optimizer(cfg.weight_decay, cfg.decay_all, cfg.grad_clip, cfg.optimizer)
@@ -112,6 +112,9 @@ def _optimizer(weight_decay: float, decay_all: bool, grad_clip: float,
         # torch.optim.SGD(momentum=0.9)'s: buf = 0.9 buf + (grad + weight_decay * params), params -= lr * buf.
         sgd = optax.sgd(1.0, momentum=0.9)
         tx = optax.chain(optax.add_decayed_weights(weight_decay, mask), sgd) if weight_decay else sgd
+    elif optimizer == "lion":
+        # The sign of 0.1 grad + 0.9 momentum, plus weight_decay * params; the momentum averages at 0.99.
+        tx = optax.lion(lambda count: 1.0, b1=0.9, b2=0.99, weight_decay=weight_decay, mask=mask)
     else:
         # torch.optim.AdamW's defaults, pinned: betas (0.9, 0.999), eps 1e-8 outside the square root. The
         # rate of 1 is a function, so that optax keeps the update count in its state, as with a schedule.
