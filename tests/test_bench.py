@@ -50,6 +50,16 @@ def test_conv_stem_flops_by_hand():
     assert bench.forward_flops(cfg) - bench.forward_flops(dataclasses.replace(cfg, stem="patch")) == stem - patch
 
 
+def test_training_flops_count_the_tokens_training_keeps():
+    """fast drops a quarter of its 16 tokens in training: the blocks see 12 (the stem sees all 16)."""
+    import dataclasses
+
+    cfg = MODELS["fast"]
+    assert bench.train_flops(cfg, 64) == 3 * 64 * bench.forward_flops(cfg, tokens=12)
+    assert bench.train_flops(dataclasses.replace(cfg, patch_drop_rate=0.0), 64) == 3 * 64 * bench.forward_flops(cfg)
+    assert bench.forward_flops(cfg, tokens=12) < bench.forward_flops(cfg)
+
+
 def test_bench_refuses_bad_batch_size():
     run = subprocess.run([sys.executable, "-m", "vit_jax.bench", "--recipe", "test", "--batch_size", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

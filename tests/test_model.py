@@ -239,6 +239,21 @@ def test_patch_dropout_model_trains_on_fewer_tokens_and_evaluates_on_all():
     assert train_stages["block00"].shape == (2, 8, 32) and eval_stages["block00"].shape == (2, 16, 32)
 
 
+def test_a_calls_patch_drop_rate_is_a_model_built_with_that_rate():
+    """The token schedule's early part: the rate given to the call, not the config's, decides the tokens."""
+    cfg = dataclasses.replace(MODELS["test"], patch_drop_rate=0.25)
+    params = init_params(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    run = lambda c, **kw: VisionTransformer(c).apply({"params": params}, x, train=True, return_stages=True,
+                                                     rngs={"dropout": jax.random.key(2)}, **kw)
+    logits, stages = run(cfg, patch_drop_rate=0.5)
+    want_logits, want_stages = run(dataclasses.replace(cfg, patch_drop_rate=0.5))
+    assert stages["block00"].shape == want_stages["block00"].shape == (3, 1 + 8, 32)  # class token + 8 of 16
+    np.testing.assert_array_equal(logits, want_logits)
+    assert run(cfg)[1]["block00"].shape == (3, 1 + 12, 32)  # without it, the config's quarter
+    assert run(cfg, patch_drop_rate=0.0)[1]["block00"].shape == (3, 1 + 16, 32)
+
+
 def test_a_parameters_file_from_before_the_stem_field_still_loads(tmp_path):
     """A .npz whose saved config has no 'stem' (written before the field existed) is a patch-stem model."""
     import json

@@ -111,6 +111,39 @@ def test_interrupt_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path
     assert _without_timing(_rows(resumed)) == _without_timing(_rows(straight))
 
 
+def test_a_token_schedule_switches_once_and_an_interrupted_run_resumes_in_its_part(tmp_path, cifar_archive):
+    """--early_patch_drop_rate 0.5: epoch 1 (steps 0-5 of 12) keeps 8 of the 16 tokens, epoch 2 (from step
+    6, half the run) all 16; stopped inside epoch 2 and rerun, the run ends as an uninterrupted one."""
+    schedule = ("--early_patch_drop_rate", "0.5", "--early_fraction", "0.5")
+    straight = str(tmp_path / "straight")
+    first = _cli(*_train_cmd(cifar_archive, straight, *schedule))
+    assert first.returncode == 0, first.stderr
+    assert "Token schedule: 8 of 16 tokens until 0.5 of the steps, then 16 of 16" in first.stdout
+    assert first.stdout.count("Token schedule: from epoch 2 on, 16 of 16 tokens\n\nEpoch 2/2") == 1
+
+    resumed = str(tmp_path / "resumed")
+    _interrupt_in_epoch_2(_train_cmd(cifar_archive, resumed, *schedule), resumed)
+    again = _cli(*_train_cmd(cifar_archive, resumed, *schedule))
+    assert again.returncode == 0, again.stderr
+    assert "Resuming from" in again.stdout and "Token schedule" not in again.stdout  # in the late part already
+    assert _without_timing(_rows(resumed)) == _without_timing(_rows(straight))
+
+    plain = str(tmp_path / "plain")  # the early part did act: the first epoch trained otherwise
+    assert _cli(*_train_cmd(cifar_archive, plain)).returncode == 0
+    assert _rows(plain)[0]["train_loss"] != _rows(straight)[0]["train_loss"]
+
+
+def test_the_token_schedule_switches_once_even_if_the_budget_lengthens_the_run():
+    cfg = config_lib.TrainConfig(recipe="test", early_patch_drop_rate=0.5, early_fraction=0.5)
+    meta = {"epochs_done": 0, "total_steps": 100}
+    assert train.early_epoch(cfg, meta, 0) and train.early_epoch(cfg, meta, 40) and "late_from" not in meta
+    meta["epochs_done"] = 5
+    assert not train.early_epoch(cfg, meta, 50) and meta["late_from"] == 6
+    meta["total_steps"] = 200  # a revision that lengthens the run: 60 < 0.5 x 200, but the switch stands
+    assert not train.early_epoch(cfg, meta, 60)
+    assert not train.early_epoch(config_lib.TrainConfig(recipe="test"), {"epochs_done": 0, "total_steps": 100}, 0)
+
+
 def test_a_run_resumes_on_another_number_of_cpu_devices(tmp_path, cifar_archive):
     """A workdir moved to a machine with more cores: --cpu_devices (one per core by default) may change."""
     straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
@@ -171,6 +204,8 @@ def test_by_default_a_cpu_is_split_into_a_device_per_core_that_divides_the_batch
     (["--translate", "-2"], "translate must be 0 (off) or a positive number of pixels, got -2"),
     (["--stem", "conv", "--patch_size", "6", "--img_size", "36"], "patch_size must be a power of 2"),
     (["--patch_drop_rate", "1"], "patch_drop_rate must be in [0, 1)"),
+    (["--early_patch_drop_rate", "-0.5"], "early_patch_drop_rate must be in [0, 1), got -0.5"),
+    (["--early_fraction", "1"], "early_fraction must be between 0 and 1, got 1.0"),
 ])
 def test_bad_settings_fail_at_once_with_one_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -45,10 +45,11 @@ def peak_tflops(device, dtype: str):
     return None
 
 
-def forward_flops(cfg: ModelConfig) -> float:
+def forward_flops(cfg: ModelConfig, tokens: int | None = None) -> float:
     """FLOPs of one image's forward pass (a multiply-add counts 2): the matmuls and the attention
-    products, from the model's shapes. Norms, activations and softmax are left out, as usual."""
-    tokens, d, hidden = cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    products, from the model's shapes, with `tokens` through the blocks (default: all of them). Norms,
+    activations and softmax are left out, as usual."""
+    tokens, d, hidden = tokens or cfg.num_tokens, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     patch_embed = 2 * cfg.num_patches * (cfg.patch_size ** 2 * 3) * d
     if cfg.stem == "conv":  # each 3x3 stride-2 layer on a grid halved from the last, then the 1x1 projection
         widths, side = [3] + cfg.stem_widths, cfg.img_size
@@ -62,8 +63,9 @@ def forward_flops(cfg: ModelConfig) -> float:
 
 
 def train_flops(cfg: ModelConfig, batch_size: int) -> float:
-    """FLOPs of one training step: forward and backward, the backward counted twice the forward."""
-    return 3 * batch_size * forward_flops(cfg)
+    """FLOPs of one training step: forward and backward, the backward counted twice the forward, with the
+    tokens that training keeps (--patch_drop_rate) through the blocks."""
+    return 3 * batch_size * forward_flops(cfg, cfg.num_tokens - cfg.num_patches + cfg.patches_kept())
 
 
 def xla_flops(compiled) -> float:

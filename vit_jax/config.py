@@ -71,6 +71,12 @@ class ModelConfig:
         """Patches, and the class token if there is one."""
         return self.num_patches + int(self.class_token)
 
+    def patches_kept(self, rate: float | None = None) -> int:
+        """The patch tokens each image keeps in training at this patch drop rate (default: the model's):
+        timm's int(N (1 - rate)), at least one."""
+        rate = self.patch_drop_rate if rate is None else rate
+        return max(1, int(self.num_patches * (1.0 - rate))) if rate else self.num_patches
+
     def validate(self) -> "ModelConfig":
         _check_finite(self)
         for name in ("img_size", "patch_size", "num_classes", "embed_dim", "depth", "num_heads"):
@@ -151,6 +157,11 @@ class TrainConfig:
     grad_clip: float = field(0.0, "cap the gradients' global norm at this before each update (0: never)")
     ema_decay: float = field(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999) "
                                   "and evaluate, keep and export it (0: off)")
+    early_patch_drop_rate: float | None = field(None, "a token schedule: in the first --early_fraction of the run's "
+                                                      "updates, drop this fraction of the patch tokens instead of "
+                                                      "--patch_drop_rate (fewer tokens early, cheaper steps; more "
+                                                      "late); switched at an epoch's start, once (default: off)")
+    early_fraction: float = field(0.5, "with --early_patch_drop_rate, the part of the planned updates it lasts")
     tta_flip: bool = field(False, "evaluate on each test image and its mirror image, averaging the logits")
     time_budget: float | None = field(None, "minutes from the command's start to its end: the run measures its "
                                             "own speed and chooses the epochs that fit (they go to config.json)")
@@ -219,6 +230,10 @@ class TrainConfig:
             raise UserError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.early_patch_drop_rate is not None and not 0.0 <= self.early_patch_drop_rate < 1.0:
+            raise UserError(f"early_patch_drop_rate must be in [0, 1), got {self.early_patch_drop_rate}")
+        if not 0.0 < self.early_fraction < 1.0:
+            raise UserError(f"early_fraction must be between 0 and 1, got {self.early_fraction}")
         if self.grad_accum and self.batch_size % self.grad_accum:
             raise UserError(f"batch_size {self.batch_size} cannot be split into {self.grad_accum} micro-batches: "
                             f"use a multiple of {self.grad_accum}")

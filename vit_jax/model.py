@@ -173,17 +173,19 @@ class Block(nn.Module):
 
 class PatchDropout(nn.Module):
     """timm's PatchDropout: in training, each image keeps a random int(N (1 - rate)) of its N patch tokens
-    (at least one, in random order); the class token, if any, stays first. (B, T, D) -> (B, T', D)."""
+    (at least one, in random order); the class token, if any, stays first. (B, T, D) -> (B, T', D).
+    A call's `rate`, if given, replaces the module's (a token schedule: `--early_patch_drop_rate`)."""
 
     rate: float
     prefix_tokens: int
 
-    def __call__(self, x, deterministic: bool):
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x, deterministic: bool, rate: float | None = None):
+        rate = self.rate if rate is None else rate
+        if deterministic or rate == 0.0:
             return x
         prefix, x = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
         B, N, _ = x.shape
-        keep = max(1, int(N * (1.0 - self.rate)))
+        keep = max(1, int(N * (1.0 - rate)))
         order = jnp.argsort(jax.random.normal(self.make_rng("dropout"), (B, N)), axis=-1)[:, :keep]
         return jnp.concatenate([prefix, jnp.take_along_axis(x, order[:, :, None], axis=1)], axis=1)
 
@@ -214,9 +216,9 @@ class VisionTransformer(nn.Module):
             self.norm = nn.LayerNorm(epsilon=LN_EPS, dtype=c.dtype)
         self.head = nn.Dense(c.num_classes, dtype=c.dtype, kernel_init=trunc_init)
 
-    def forward_features(self, x, train: bool = False):
+    def forward_features(self, x, train: bool = False, patch_drop_rate: float | None = None):
         """Images -> tokens (B, T, D) after the blocks (and the final norm, with the class token's
-        pooling), and the named stages along the way."""
+        pooling), and the named stages along the way. patch_drop_rate: in training, instead of the config's."""
         stages = {}
         x = self.patch_embed(x.astype(self.config.dtype))  # (B, N, D)
         if self.config.class_token:
@@ -224,7 +226,7 @@ class VisionTransformer(nn.Module):
             x = jnp.concatenate([cls, x], axis=1)  # (B, N+1, D)
         x = x + self.pos_embed.astype(x.dtype)
         x = stages["embed"] = self.pos_drop(x, deterministic=not train)
-        x = self.patch_drop(x, deterministic=not train)
+        x = self.patch_drop(x, deterministic=not train, rate=patch_drop_rate)
         for i, block in enumerate(self.blocks):
             x = stages[f"block{i:02d}"] = block(x, deterministic=not train)
         if self.config.global_pool == "token":
@@ -239,8 +241,8 @@ class VisionTransformer(nn.Module):
             x = x[:, 0]
         return self.head(x).astype(jnp.float32)
 
-    def __call__(self, x, train: bool = False, return_stages: bool = False):
-        x, stages = self.forward_features(x, train)
+    def __call__(self, x, train: bool = False, return_stages: bool = False, patch_drop_rate: float | None = None):
+        x, stages = self.forward_features(x, train, patch_drop_rate)
         logits = stages["logits"] = self.forward_head(x, stages)
         return (logits, stages) if return_stages else logits
 

@@ -237,7 +237,9 @@ def _sums(logits, labels, mask, label_smoothing: float = 0.0):
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What the jitted steps take as static: augmentation, the loss's smoothing, the average's decay,
-    test-time flipping, the micro-batches. `Settings.of(model_cfg, cfg)` reads them off a run's configs."""
+    test-time flipping, the micro-batches, the tokens dropped (None: the model's patch_drop_rate).
+    `Settings.of(model_cfg, cfg, early)` reads them off a run's configs, in the token schedule's early
+    part if `early`."""
 
     img_size: int
     rotation: float = 0.0
@@ -249,12 +251,13 @@ class Settings:
     flips: bool = True
     crops: bool = True
     translate: int = 0
+    patch_drop_rate: float | None = None
 
     @classmethod
-    def of(cls, model_cfg: ModelConfig, cfg: TrainConfig) -> "Settings":
+    def of(cls, model_cfg: ModelConfig, cfg: TrainConfig, early: bool = False) -> "Settings":
         return cls(model_cfg.img_size, cfg.rotation, cfg.color_jitter, cfg.label_smoothing, cfg.ema_decay,
                    cfg.tta_flip, micro_batches(model_cfg, cfg), cfg.augment, cfg.augment and cfg.crop,
-                   cfg.translate if cfg.augment else 0)
+                   cfg.translate if cfg.augment else 0, cfg.early_patch_drop_rate if early else None)
 
 
 # The one mechanism here for one kind of device's speed: on a CPU a step runs faster with its batch in
@@ -289,7 +292,10 @@ def train_step(state: TrainState, metrics: dict, images, labels, mask, key, sche
     x = augment.augment(aug_key, images, settings.img_size, settings.rotation, settings.color_jitter,
                         settings.flips, settings.crops, settings.translate)
 
-    loss_fn = functools.partial(loss, state.apply_fn, settings.label_smoothing)
+    apply_fn = state.apply_fn
+    if settings.patch_drop_rate is not None:
+        apply_fn = functools.partial(apply_fn, patch_drop_rate=settings.patch_drop_rate)
+    loss_fn = functools.partial(loss, apply_fn, settings.label_smoothing)
     grads, sums = gradients(loss_fn, state.params, (x, labels, mask), dropout_key, settings.grad_accum)
     metrics = _accumulate(metrics, sums)
     first_bad = (metrics["nonfinite_step"] < 0) & ~jnp.isfinite(sums["loss"])

@@ -54,6 +54,7 @@ class Run:
     checkpoints: workdir.Checkpoints
     tb: tensorboard_log.Writer
     budget: Budget | None  # with --time_budget, in the command that planned the run
+    early: bool = False  # train_fn drops --early_patch_drop_rate's tokens (the token schedule's early part)
 
 
 def train_and_evaluate(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
@@ -134,14 +135,12 @@ def create_run(cfg: TrainConfig, model_cfg: ModelConfig, budget: Budget | None):
         budget = None  # the budget was the first command's: a resumed run keeps the length it planned
     if distributed.is_primary():
         workdir.check_space(cfg.workdir, state, metrics)
-    settings = step.Settings.of(model_cfg, cfg)
-    schedule = step.Schedule.of(cfg, spe, meta["total_steps"])
-    run = Run(cfg, model_cfg, parallel, train, test, spe,
-              train_fn=step.jit_train_step(parallel, settings, schedule),
+    run = Run(cfg, model_cfg, parallel, train, test, spe, train_fn=None,
               eval_fn=step.jit_eval_step(parallel, model_cfg, cfg.tta_flip),
               checkpoints=checkpoints, budget=budget,
               tb=tensorboard_log.Writer(os.path.join(cfg.workdir, tensorboard_log.FOLDER),
                                         enabled=cfg.tensorboard and distributed.is_primary()))
+    compile_step(run, meta["total_steps"], early=early_epoch(cfg, meta, meta["epochs_done"] * spe))
     describe(run, state, meta, resumed=restored is not None)
     return run, state, metrics, meta
 
@@ -154,6 +153,9 @@ def describe(run: Run, state, meta: dict, resumed: bool):
           f"({run.steps_per_epoch} batches per epoch{micro})")
     print(f"Model: ViT {cfg.recipe} img {m.img_size} patch {m.patch_size} embed {m.embed_dim} depth {m.depth} "
           f"heads {m.num_heads} mlp {m.mlp_ratio:g} {m.dtype} | {count_params(state.params):,} parameters")
+    if run.early:
+        print(f"Token schedule: {tokens_kept(run, early=True)} tokens until {cfg.early_fraction:g} of the steps, "
+              f"then {tokens_kept(run)}")
     if resumed:
         print(f"Resuming from {cfg.workdir} at epoch {meta['epochs_done'] + 1}, step {int(state.step)}")
 
@@ -191,10 +193,39 @@ def train_loop(run: Run, state, metrics, meta: dict) -> list[dict]:
     return rows
 
 
+def tokens_kept(run: Run, early: bool = False) -> str:
+    """'K of N': the patch tokens each image keeps in training, in the token schedule's early part or after."""
+    m = run.model_cfg
+    return f"{m.patches_kept(run.cfg.early_patch_drop_rate if early else None)} of {m.num_patches}"
+
+
+def compile_step(run: Run, total_steps: int, early: bool):
+    """run.train_fn for a run of total_steps, in the token schedule's early part or not. The schedule's
+    numbers are the step's arguments: a new length compiles nothing, a new part once."""
+    run.early = early
+    run.train_fn = step.jit_train_step(run.parallel, step.Settings.of(run.model_cfg, run.cfg, early),
+                                       step.Schedule.of(run.cfg, run.steps_per_epoch, total_steps))
+
+
+def early_epoch(cfg: TrainConfig, meta: dict, first: int) -> bool:
+    """Whether the epoch that starts at step `first` is in the token schedule's early part: until the
+    first epoch that starts past --early_fraction of the planned steps. The switch, made once, is kept
+    in meta ('late_from'), so that a budget revised later, or a resumed run, never switches back."""
+    if cfg.early_patch_drop_rate is None or "late_from" in meta:
+        return False
+    if first < cfg.early_fraction * meta["total_steps"]:
+        return True
+    meta["late_from"] = meta["epochs_done"] + 1
+    return False
+
+
 def train_epoch(run: Run, state, metrics, meta: dict, clock: "Clock", stop, t0: float):
     """The epoch's steps left, at most step.IN_FLIGHT ahead of the device; a stop saves and exits here."""
     cfg, spe, epoch = run.cfg, run.steps_per_epoch, meta["epochs_done"]
     first, last = int(state.step), min((epoch + 1) * spe, meta["total_steps"])  # steps first..last-1
+    if run.early and not early_epoch(cfg, meta, epoch * spe):
+        compile_step(run, meta["total_steps"], early=False)
+        print(f"Token schedule: from epoch {epoch + 1} on, {tokens_kept(run)} tokens")
     print(f"\nEpoch {epoch + 1}/{-(-meta['total_steps'] // spe)} | lr {lr_span(run, first, last)}")
     batches = data.epoch_batches(*run.train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=first - epoch * spe)
     key, in_flight = jax.random.key(cfg.seed), collections.deque()
@@ -296,8 +327,7 @@ def revise(run: Run, clock: Clock, done: int, total: int, metrics=None) -> int:
     revised = distributed.same_everywhere(run.budget.total_steps(done, run.steps_per_epoch, clock.step_s, end_s))
     if revised != total:
         print(f"Budget: {run.budget.describe(revised, run.steps_per_epoch, clock.step_s, end_s)}")
-        run.train_fn = step.jit_train_step(run.parallel, step.Settings.of(run.model_cfg, run.cfg),
-                                           step.Schedule.of(run.cfg, run.steps_per_epoch, revised))
+        compile_step(run, revised, run.early)
     return revised
 
 
