@@ -139,8 +139,9 @@ def bench(recipe: str, batch_size: int, steps: int, warmup: int, compile: bool =
     for side in ("jax", "torch_eager", "torch_compile"):
         if not isinstance(out[side], str):
             out[side]["gflops"] = flops / out[side]["ms_per_step"] / 1e6
-    jax_rows = batch_size // out["jax"]["grad_accum"] // jax.device_count() * m.num_tokens
-    out["matmul"] = matmul_gflops(jax_rows, batch_size * m.num_tokens, m.embed_dim, int(m.embed_dim * m.mlp_ratio),
+    tokens = m.num_tokens - m.num_patches + m.patches_kept()  # through the blocks in training
+    jax_rows = batch_size // out["jax"]["grad_accum"] // jax.device_count() * tokens
+    out["matmul"] = matmul_gflops(jax_rows, batch_size * tokens, m.embed_dim, int(m.embed_dim * m.mlp_ratio),
                                   device)
     return out
 
