@@ -137,7 +137,7 @@ def forward_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, images,
 
 def _torch_optimizer(model: TorchViT, cfg: TrainConfig):
     """torch.optim.AdamW (or SGD with momentum 0.9, with --optimizer sgd; with lion, parity.lion's) as
-    vit_jax.step.make_optimizer builds optax's; without decay_all, the same parameters as step.decay_mask are spared."""
+    vit_jax.step.make_optimizer builds optax's; without decay_all, the parameters step.decay_mask spares."""
     decay, spared = [], []
     for name, p in model.named_parameters():
         keep = cfg.decay_all or (p.ndim > 1 and name not in ("cls_token", "pos_embed"))
@@ -220,7 +220,8 @@ def train_parity(flax_params, model: TorchViT, model_cfg: ModelConfig, cfg: Trai
             gj = flax_to_torch(grads_j, model_cfg)
             gt = {n: p.grad.cpu() for n, p in model.named_parameters()}
             grad_rel = _global_norm((gj[n] - gt[n]).numpy() for n in gj) / _global_norm(g.numpy() for g in gj.values())
-            signs_apart = sum(int((gj[n].sign() != gt[n].sign()).sum()) for n in gj) / sum(g.numel() for g in gj.values())
+            apart = sum(int((gj[n].sign() != gt[n].sign()).sum()) for n in gj)
+            signs_apart = apart / sum(g.numel() for g in gj.values())
         if cfg.grad_clip:  # as optax.clip_by_global_norm before AdamW on the JAX side
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

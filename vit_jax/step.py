@@ -98,7 +98,7 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (or with --optimizer sgd, SGD with momentum 0.9; lion, Lion) at a learning rate of 1 (the schedule scales
+    """AdamW (--optimizer sgd: SGD with momentum 0.9; lion: Lion) at a learning rate of 1 (the schedule scales
     its updates: `adamw_update`); with --grad_clip, the gradients' global norm is capped first (as
     torch.nn.utils.clip_grad_norm_ before the optimizer's step)."""
     return _optimizer(cfg.weight_decay, cfg.decay_all, cfg.grad_clip, cfg.optimizer)
