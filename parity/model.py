@@ -142,18 +142,19 @@ class Block(nn.Module):
 
 class PatchDropout(nn.Module):
     """Twin of vit_jax.model.PatchDropout (timm's): in training, a random int(N (1 - rate)) of the N patch
-    tokens of each image, the class token kept first."""
+    tokens of each image, the class token kept first; a call's `rate`, if given, replaces the module's."""
 
     def __init__(self, rate: float, prefix_tokens: int):
         super().__init__()
         self.rate, self.prefix_tokens = rate, prefix_tokens
 
-    def forward(self, x):
-        if not self.training or self.rate == 0.0:
+    def forward(self, x, rate: float | None = None):
+        rate = self.rate if rate is None else rate
+        if not self.training or rate == 0.0:
             return x
         prefix, x = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
         B, N, D = x.shape
-        keep = max(1, int(N * (1.0 - self.rate)))
+        keep = max(1, int(N * (1.0 - rate)))
         order = torch.argsort(torch.randn(B, N, device=x.device), dim=-1)[:, :keep]
         return torch.cat([prefix, x.gather(1, order.unsqueeze(-1).expand(-1, -1, D))], dim=1)
 
@@ -201,16 +202,16 @@ class VisionTransformer(nn.Module):
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in FLAX_ONLY}
         return cls(**fields)
 
-    def forward_features(self, x):
+    def forward_features(self, x, patch_drop_rate: float | None = None):
         """Images -> tokens (B, T, D) after the blocks (and the final norm, with the class token's
-        pooling), and the named stages along the way."""
+        pooling), and the named stages along the way. patch_drop_rate: in training, instead of the config's."""
         stages = {}
         x = self.patch_embed(x)  # (B, N, D)
         if self.config.class_token:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
         x = x + self.pos_embed
         x = stages["embed"] = self.pos_drop(x)
-        x = self.patch_drop(x)
+        x = self.patch_drop(x, patch_drop_rate)
         for i, block in enumerate(self.blocks):
             x = stages[f"block{i:02d}"] = block(x)
         if self.config.global_pool == "token":
@@ -225,7 +226,7 @@ class VisionTransformer(nn.Module):
             x = x[:, 0]
         return self.head(x)
 
-    def forward(self, x, return_stages: bool = False):
-        x, stages = self.forward_features(x)
+    def forward(self, x, return_stages: bool = False, patch_drop_rate: float | None = None):
+        x, stages = self.forward_features(x, patch_drop_rate)
         logits = stages["logits"] = self.forward_head(x, stages)
         return (logits, stages) if return_stages else logits

@@ -423,6 +423,12 @@ def test_patch_dropout_twin_keeps_timms_count_and_the_class_token():
     model = TorchViT(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                      patch_drop_rate=0.5)
     assert model.config == dataclasses.replace(CFG, patch_drop_rate=0.5)
+    # A call's rate, as the Flax model's (the token schedule): 8 of the 16 tokens instead of the config's 12.
+    quarter = TorchViT.from_config(dataclasses.replace(CFG, patch_drop_rate=0.25)).train()
+    images = torch.randn(3, 3, 32, 32)
+    assert quarter(images, return_stages=True)[1]["block00"].shape == (3, 1 + 12, 32)
+    assert quarter(images, return_stages=True, patch_drop_rate=0.5)[1]["block00"].shape == (3, 1 + 8, 32)
+    assert quarter.eval()(images, return_stages=True, patch_drop_rate=0.5)[1]["block00"].shape == (3, 1 + 16, 32)
 
 
 def test_the_readmes_timm_constructor_takes_a_fast_export_strictly(timm):
